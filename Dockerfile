@@ -1,0 +1,31 @@
+# receiver: a wss endpoint that records SignalWire media streams.
+#   docker build -t receiver .
+#   docker run -p 8443:8443 -e RECEIVER_TOKENS=... -v "$PWD/recordings:/recordings" receiver
+# Without RECEIVER_TLS_CERT/RECEIVER_TLS_KEY it serves a self-signed development certificate
+# (kept in the /state volume); mount real PEM files for production, or put a TLS proxy in
+# front and set RECEIVER_INSECURE_WS=true.
+
+FROM python:3.12-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY receiver ./receiver
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.12-slim
+# soundfile's wheels carry libsndfile; nothing else is needed from Debian.
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
+ && useradd --system --uid 10001 --home-dir /state --no-create-home receiver \
+ && mkdir -p /recordings /state && chown receiver:receiver /recordings /state
+USER receiver
+WORKDIR /state
+ENV RECEIVER_RECORDINGS_DIR=/recordings \
+    RECEIVER_STATE_DIR=/state \
+    PYTHONUNBUFFERED=1
+VOLUME ["/recordings", "/state"]
+EXPOSE 8443
+HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
+  CMD ["receiver", "health"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["receiver"]
+CMD ["serve"]

@@ -1,0 +1,97 @@
+"""The handshake gate: ``/healthz``, the bearer-token check, and the stream limit.
+
+It runs as the websockets ``process_request`` hook, before the upgrade, so a rejected client
+never reaches a handler and nothing is created on disk for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from collections.abc import Callable, Sequence
+from http import HTTPStatus
+from urllib.parse import urlsplit
+
+from websockets.asyncio.server import ServerConnection
+from websockets.http11 import Request, Response
+
+HEALTH_PATH = "/healthz"
+logger = logging.getLogger("receiver.auth")
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None if there is none."""
+    if header is None:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or " " in token:
+        return None
+    return token
+
+
+class TokenChecker:
+    """Constant-time comparison of a presented token against every accepted one.
+
+    Both sides are hashed first so that the comparison takes the same time whatever the
+    lengths, and every accepted token is compared, so that timing tells nothing of which one
+    matched or how much of it.
+    """
+
+    def __init__(self, tokens: Sequence[str]) -> None:
+        if not tokens:
+            raise ValueError("at least one token is required: the receiver never runs open")
+        self._digests = [hashlib.sha256(t.encode()).digest() for t in tokens]
+
+    def __call__(self, presented: str) -> bool:
+        """True when ``presented`` is one of the accepted tokens."""
+        digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
+        matched = False
+        for accepted in self._digests:
+            matched |= hmac.compare_digest(digest, accepted)
+        return matched
+
+
+def make_gate(
+    *,
+    check_token: TokenChecker,
+    is_draining: Callable[[], bool],
+    at_capacity: Callable[[], bool],
+    on_reject: Callable[[str], None],
+) -> Callable[[ServerConnection, Request], Response | None]:
+    """Build the ``process_request`` hook.
+
+    ``GET /healthz`` answers 200 (503 while draining) without a token; every other request
+    needs a valid bearer token (401), the server must not be draining or full (503). ``on_reject``
+    is told the reason (``auth``, ``draining``, ``capacity``) for the counters.
+    """
+
+    def gate(connection: ServerConnection, request: Request) -> Response | None:
+        if urlsplit(request.path).path == HEALTH_PATH:
+            if is_draining():
+                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        token = bearer_token(request.headers.get("Authorization"))
+        if token is None or not check_token(token):
+            problem = "no bearer token" if token is None else "wrong bearer token"
+            logger.warning("rejected handshake from %s: %s", _peer(connection), problem)
+            on_reject("auth")
+            response = connection.respond(HTTPStatus.UNAUTHORIZED, "bearer token required\n")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="receiver"'
+            return response
+        if is_draining():
+            on_reject("draining")
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
+        if at_capacity():
+            logger.warning("rejected handshake from %s: stream limit reached", _peer(connection))
+            on_reject("capacity")
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many streams\n")
+        return None
+
+    return gate
+
+
+def _peer(connection: ServerConnection) -> str:
+    address = connection.remote_address
+    return str(address[0]) if address else "unknown peer"

@@ -1,0 +1,313 @@
+"""The composition root: ``receiver serve | simulate | streams``.
+
+Reads settings once (flags over ``RECEIVER_*`` over ``.env``), sets up logging and TLS, picks
+the sinks and runs. Exit codes: 0 done, 1 failed at run time, 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import secrets
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile
+from pydantic import SecretStr
+
+from receiver import __version__
+from receiver.codecs import CLI_CODECS, codec_for
+from receiver.events import Track
+from receiver.exceptions import ConfigError
+from receiver.settings import Settings, load_settings
+
+logger = logging.getLogger("receiver")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"receiver: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="receiver", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"receiver {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="accept and record streams (settings: RECEIVER_*)")
+    serve.add_argument("--host", help="address to bind (RECEIVER_HOST, default 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="port (RECEIVER_PORT, default 8443)")
+    serve.add_argument("--recordings-dir", type=Path, help="RECEIVER_RECORDINGS_DIR")
+    serve.add_argument("--tls-cert", type=Path, help="PEM certificate (RECEIVER_TLS_CERT)")
+    serve.add_argument("--tls-key", type=Path, help="PEM key (RECEIVER_TLS_KEY)")
+    serve.add_argument(
+        "--insecure-ws",
+        action="store_true",
+        default=None,
+        help="serve plain ws behind a TLS-terminating proxy (RECEIVER_INSECURE_WS)",
+    )
+    serve.add_argument("--sinks", help="comma-separated sinks (RECEIVER_SINKS, default wav)")
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (RECEIVER_LOG_LEVEL)")
+    serve.set_defaults(func=_serve)
+
+    health = sub.add_parser("health", help="exit 0 if the local receiver's /healthz answers 200")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    health.set_defaults(func=_health)
+
+    sim = sub.add_parser("simulate", help="play WAV files into a receiver as the platform does")
+    sim.add_argument("inbound", type=Path, metavar="IN.wav", help="audio of the inbound track")
+    sim.add_argument(
+        "outbound", type=Path, nargs="?", metavar="OUT.wav", help="audio of the outbound track"
+    )
+    sim.add_argument("--url", default="wss://localhost:8443/", help="the receiver's URL")
+    sim.add_argument("--token", help="bearer token (default: the first of RECEIVER_TOKENS)")
+    sim.add_argument("--codec", choices=sorted(CLI_CODECS), default="pcmu")
+    sim.add_argument("--frame-ms", type=int, default=20, help="frame length (default 20)")
+    sim.add_argument("--realtime", action="store_true", help="pace frames like a live call")
+    sim.add_argument(
+        "--param", action="append", default=[], metavar="K=V", help="a custom parameter, repeatable"
+    )
+    sim.add_argument("--stream-sid", help="stream sid to send (default: a new UUID)")
+    sim.add_argument("--layout", choices=["signalwire", "twilio"], default="signalwire")
+    sim.add_argument(
+        "--cafile",
+        type=Path,
+        help="trust this CA/certificate (default: the dev certificate, if present)",
+    )
+    sim.set_defaults(func=_simulate)
+
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = load_settings(
+        host=args.host,
+        port=args.port,
+        recordings_dir=args.recordings_dir,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        insecure_ws=args.insecure_ws,
+        sinks=args.sinks,
+        log_level=args.log_level,
+    )
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    check_recordings_dir(settings.recordings_dir)
+    from receiver.sinks import load_sink_factories
+
+    sink_factories = load_sink_factories(settings.sinks)
+    if not settings.tokens:
+        token = secrets.token_urlsafe(32)
+        settings = settings.model_copy(update={"tokens": [SecretStr(token)]})
+        print(
+            "No RECEIVER_TOKENS set: this run accepts only this generated bearer token "
+            f"(set RECEIVER_TOKENS to keep one across restarts):\n\n    {token}\n",
+            file=sys.stderr,
+            flush=True,
+        )
+    ssl_context = _server_tls(settings)
+    from receiver.server import Receiver
+
+    receiver = Receiver(settings, ssl_context=ssl_context, sink_factories=sink_factories)
+    return asyncio.run(_run_until_signal(receiver))
+
+
+def _server_tls(settings: Settings) -> Any:
+    from receiver import tls
+
+    if settings.insecure_ws:
+        logger.warning(
+            "RECEIVER_INSECURE_WS=true: serving PLAIN ws:// without TLS. Bearer tokens and audio "
+            "cross the network in clear text: only run this behind a TLS-terminating proxy."
+        )
+        return None
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        for name, path in (
+            ("RECEIVER_TLS_CERT", settings.tls_cert),
+            ("RECEIVER_TLS_KEY", settings.tls_key),
+        ):
+            if not path.is_file():
+                raise ConfigError(name, f"no such file: {path}")
+        try:
+            return tls.server_context(settings.tls_cert, settings.tls_key)
+        except (OSError, ValueError) as exc:
+            raise ConfigError("RECEIVER_TLS_CERT", f"cannot load the certificate: {exc}") from None
+    cert = tls.ensure_dev_certificate(settings.state_dir)
+    logger.warning(
+        "no RECEIVER_TLS_CERT/RECEIVER_TLS_KEY: using a self-signed DEVELOPMENT certificate "
+        "%s %s (SHA-256 %s). SignalWire will not trust it: put a real certificate or a TLS "
+        "proxy in front for production.",
+        "made at" if cert.created else "from",
+        cert.cert_path,
+        cert.fingerprint_sha256,
+    )
+    return tls.server_context(cert.cert_path, cert.key_path)
+
+
+def check_recordings_dir(path: Path) -> None:
+    """Create the recordings directory if needed and prove it writable, or raise ConfigError."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        problem = f"{path} is not a writable directory ({exc.strerror or exc})"
+        raise ConfigError("RECEIVER_RECORDINGS_DIR", problem) from None
+
+
+async def _run_until_signal(receiver: Any) -> int:
+    """Serve until SIGINT/SIGTERM; drain, and on a second signal close the streams at once."""
+    loop = asyncio.get_running_loop()
+    signals = 0
+    stop = asyncio.Event()
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            logger.info("shutting down: no new streams; a second signal closes streams now")
+            stop.set()
+        else:
+            receiver.close_now()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await receiver.start()
+    except OSError as exc:
+        logger.error(
+            "cannot listen on %s:%s: %s",
+            receiver.settings.host,
+            receiver.settings.port,
+            exc.strerror or exc,
+        )
+        return 1
+    s = receiver.settings
+    logger.info(
+        "listening on %s://%s:%d/ (health: /healthz), %d token(s), recordings in %s",
+        "ws" if receiver.ssl_context is None else "wss",
+        s.host,
+        receiver.port,
+        len(s.tokens),
+        s.recordings_dir.resolve(),
+    )
+    await stop.wait()
+    await receiver.shutdown()
+    logger.info("stopped: %d streams recorded", receiver.counters["streams"])
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    """Probe this machine's receiver (for container health checks): 0 when /healthz is 200."""
+    import http.client
+    import ssl
+
+    settings = load_settings()
+    if settings.insecure_ws:
+        conn: http.client.HTTPConnection = http.client.HTTPConnection(
+            "127.0.0.1", settings.port, timeout=args.timeout
+        )
+    else:
+        # Liveness of our own process on loopback: the certificate is not what is checked here.
+        context = ssl._create_unverified_context()  # noqa: S323
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1", settings.port, timeout=args.timeout, context=context
+        )
+    try:
+        conn.request("GET", "/healthz")
+        status = conn.getresponse().status
+    except OSError as exc:
+        print(f"receiver health: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    print(f"receiver health: {status}")
+    return 0 if status == 200 else 1
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from receiver import simulate, tls
+
+    logging.basicConfig(level="INFO", format="%(message)s", stream=sys.stderr)
+    settings = load_settings()
+    token = args.token or (settings.token_values[0] if settings.tokens else None)
+    if token is None:
+        raise ConfigError("--token", "give --token or set RECEIVER_TOKENS")
+    codec = codec_for(CLI_CODECS[args.codec], l16_byte_order=settings.l16_byte_order)
+    tracks: dict[Track, bytes] = {}
+    paths: list[tuple[Track, Path | None]] = [
+        ("inbound", args.inbound),
+        ("outbound", args.outbound),
+    ]
+    for track, path in paths:
+        if path is not None:
+            tracks[track] = codec.encode(read_mono(path, sample_rate_hz=codec.sample_rate_hz))
+    try:
+        params = simulate.parse_params(args.param)
+    except ValueError as exc:
+        raise ConfigError("--param", str(exc)) from None
+    cafile = args.cafile
+    dev_cert = settings.state_dir / tls.DEV_CERT_NAME
+    if cafile is None and dev_cert.is_file():
+        cafile = dev_cert
+    messages = simulate.build_messages(
+        codec=codec,
+        tracks=tracks,
+        frame_ms=args.frame_ms,
+        stream_sid=args.stream_sid,
+        custom_parameters=params,
+        layout=args.layout,
+    )
+    result = asyncio.run(
+        simulate.play(
+            args.url,
+            messages,
+            token=token,
+            ssl_context=tls.client_context(cafile),
+            frame_interval_s=args.frame_ms / 1000 if args.realtime else 0.0,
+            frames_per_interval=len(tracks),
+        )
+    )
+    print(
+        f"sent {result.messages_sent} messages ({', '.join(tracks)}); server closed with "
+        f"{result.close_code} {result.close_reason or ''}".rstrip()
+    )
+    return 0 if result.close_code == 1000 else 1
+
+
+def read_mono(path: Path, *, sample_rate_hz: int) -> Any:
+    """A WAV file as int16 mono at ``sample_rate_hz`` (channels are averaged), or ConfigError."""
+    try:
+        data, rate = soundfile.read(path, dtype="int16", always_2d=True)
+    except (OSError, RuntimeError, soundfile.LibsndfileError) as exc:
+        raise ConfigError(str(path), f"cannot read audio: {exc}") from None
+    if rate != sample_rate_hz:
+        raise ConfigError(
+            str(path),
+            f"is {rate} Hz but the codec needs {sample_rate_hz} Hz; convert it first, e.g. "
+            f"sox {path} -r {sample_rate_hz} -c 1 -b 16 converted.wav",
+        )
+    if data.shape[1] == 1:
+        return data[:, 0].copy()
+    return np.round(data.mean(axis=1)).astype(np.int16)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,332 @@
+"""The thin asyncio shell: handshake gate, then ``message -> protocol -> session -> sinks``.
+
+All decisions about bytes live in the sans-I/O core (``protocol``, ``session``, ``codecs``);
+this module only moves messages, applies timeouts, and makes sure that every stream's sinks are
+closed however it ends: stop, client close, protocol error, timeout or shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections import Counter
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, assert_never
+from urllib.parse import urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from receiver.auth import TokenChecker, make_gate
+from receiver.codecs import codec_for
+from receiver.events import Connected, Dtmf, Mark, Media, Start, Stop, UnknownEvent
+from receiver.exceptions import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_POLICY_VIOLATION,
+    ProtocolError,
+    UnsupportedMedia,
+)
+from receiver.protocol import StreamProtocol
+from receiver.session import Session
+from receiver.settings import Settings
+from receiver.sinks import Fanout, SinkFactory, StreamInfo, StreamSummary, load_sink_factories
+from receiver.sinks.base import StreamEnd
+
+logger = logging.getLogger("receiver.server")
+
+# Close codes websockets sends when it refuses a frame: bad framing, invalid UTF-8, too big.
+_FRAME_ERRORS = frozenset({1002, 1007, 1009})
+
+
+class StreamLogger(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes every line about a stream with its (shortened, escaped) stream sid."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        sid = self.extra["stream_sid"] if self.extra else "-"
+        return f"[{sid}] {msg}", kwargs
+
+
+def _short(text: str, limit: int = 48) -> str:
+    """Client text made safe for one log line: escaped, bounded."""
+    shown = text.encode("unicode_escape").decode("ascii")
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+class Receiver:
+    """The receiver server: ``await start()``, then ``await shutdown()`` (or ``async with``).
+
+    ``counters`` counts what happened (streams, frames, rejections, errors by kind) for logs,
+    tests and later metrics.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        sink_factories: Sequence[tuple[str, SinkFactory]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.ssl_context = ssl_context
+        self.sink_factories = (
+            list(sink_factories)
+            if sink_factories is not None
+            else load_sink_factories(settings.sinks)
+        )
+        self.counters: Counter[str] = Counter()
+        self.active_streams = 0
+        self.draining = False
+        self._check_token = TokenChecker(settings.token_values)
+        self._server: Server | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._cut_drain = asyncio.Event()
+
+    async def __aenter__(self) -> Receiver:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown(drain_timeout_s=0)
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0)."""
+        assert self._server is not None, "not started"
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        """Bind and start accepting streams."""
+        s = self.settings
+        gate = make_gate(
+            check_token=self._check_token,
+            is_draining=lambda: self.draining,
+            at_capacity=lambda: self.active_streams >= s.max_streams,
+            on_reject=lambda why: self.counters.update([f"rejected_{why}"]),
+        )
+        self._server = await serve(
+            self._handle,
+            s.host,
+            s.port,
+            ssl=self.ssl_context,
+            process_request=gate,
+            max_size=s.max_message_bytes,
+            compression=None,
+            open_timeout=s.handshake_timeout_s,
+            server_header="receiver",
+        )
+
+    async def shutdown(self, *, drain_timeout_s: float | None = None) -> None:
+        """Stop taking streams, let current ones end for ``drain_timeout_s``, then close the rest
+        with 1001 (going away) and finish every file."""
+        if self._server is None:
+            return
+        self.draining = True
+        timeout = self.settings.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        if self._handlers and timeout > 0:
+            logger.info("draining %d streams for up to %g s", len(self._handlers), timeout)
+            cut = asyncio.ensure_future(self._cut_drain.wait())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    while self._handlers and not cut.done():
+                        await asyncio.wait({*self._handlers, cut}, return_when="FIRST_COMPLETED")
+            cut.cancel()
+        self._server.close(close_connections=True)
+        await self._server.wait_closed()
+        self._server = None
+
+    def close_now(self) -> None:
+        """Cut a running drain short: close the remaining streams with 1001 now."""
+        self._cut_drain.set()
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        self.active_streams += 1
+        try:
+            await StreamHandler(self, ws).run()
+        finally:
+            self.active_streams -= 1
+            self._handlers.discard(task)
+
+
+class StreamHandler:
+    """One connection's life: read messages until the stream ends, always closing the sinks."""
+
+    def __init__(self, receiver: Receiver, ws: ServerConnection) -> None:
+        self.receiver = receiver
+        self.settings = receiver.settings
+        self.counters = receiver.counters
+        self.ws = ws
+        self.protocol = StreamProtocol()
+        self.session: Session | None = None
+        self.fanout: Fanout | None = None
+        self.info: StreamInfo | None = None
+        self.messages = 0
+        self.unknown_events: dict[str, None] = {}
+        self.log = StreamLogger(logger, {"stream_sid": "-"})
+
+    async def run(self) -> None:
+        """Read until stop, close or error; then flush and close the sinks."""
+        end = StreamEnd("error", CLOSE_INTERNAL_ERROR, "internal error")
+        try:
+            end = await self._read()
+        except ProtocolError as exc:
+            self.counters.update(["protocol_errors", f"protocol_errors_{exc.kind}"])
+            self.log.warning("closing with %d: %s", exc.close_code, _short(exc.reason, 160))
+            end = StreamEnd("protocol-error", exc.close_code, exc.close_reason)
+            await self.ws.close(exc.close_code, exc.close_reason)
+        except Exception:
+            self.counters.update(["internal_errors"])
+            self.log.exception("internal error")
+            await self.ws.close(CLOSE_INTERNAL_ERROR, "internal error")
+        finally:
+            self._finish(end)
+
+    async def _read(self) -> StreamEnd:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + s.max_stream_duration_s
+        while True:
+            remaining = deadline - loop.time()
+            try:
+                async with asyncio.timeout(min(s.idle_timeout_s, max(remaining, 0))):
+                    message = await self.ws.recv()
+            except TimeoutError:
+                if loop.time() >= deadline:
+                    reason = f"max stream duration of {s.max_stream_duration_s:g} s reached"
+                    kind: Any = "max-duration"
+                else:
+                    reason = f"no message for {s.idle_timeout_s:g} s"
+                    kind = "idle-timeout"
+                self.counters.update([kind.replace("-", "_")])
+                self.log.warning("closing: %s", reason)
+                await self.ws.close(CLOSE_POLICY_VIOLATION, reason)
+                return StreamEnd(kind, CLOSE_POLICY_VIOLATION, reason)
+            except ConnectionClosed as exc:
+                return self._closed(exc)
+            self.messages += 1
+            event = self.protocol.receive(message)
+            match event:
+                case Media():
+                    assert self.session is not None and self.fanout is not None
+                    self.counters["frames"] += 1
+                    for batch in self.session.media(event):
+                        self.fanout.write(batch.track, batch.position, batch.samples)
+                case Start():
+                    self._start(event)
+                case Dtmf():
+                    assert self.session is not None and self.fanout is not None
+                    self.fanout.event(self.session.on_dtmf(event))
+                case Mark():
+                    assert self.session is not None and self.fanout is not None
+                    self.fanout.event(self.session.on_mark(event))
+                case Stop():
+                    self.log.info("stop received")
+                    return StreamEnd("stop", None, None)
+                case Connected():
+                    pass
+                case UnknownEvent(name=name):
+                    self.counters["unknown_events"] += 1
+                    if name not in self.unknown_events and len(self.unknown_events) < 32:
+                        self.unknown_events[name] = None
+                        self.log.info("skipping unknown event %r", _short(name))
+                case _:
+                    assert_never(event)
+
+    def _closed(self, exc: ConnectionClosed) -> StreamEnd:
+        sent, rcvd = exc.sent, exc.rcvd
+        if self.receiver.draining and sent is not None and sent.code == CLOSE_GOING_AWAY:
+            return StreamEnd("shutdown", CLOSE_GOING_AWAY, "server shutting down")
+        if sent is not None and not exc.rcvd_then_sent and sent.code in _FRAME_ERRORS:
+            # websockets refused a frame itself: too big, invalid UTF-8, bad framing.
+            self.counters.update(["protocol_errors", "protocol_errors_frame"])
+            self.log.warning("closed with %d: %s", sent.code, _short(sent.reason, 160))
+            return StreamEnd("protocol-error", sent.code, sent.reason)
+        code = rcvd.code if rcvd is not None else 1006
+        reason = rcvd.reason if rcvd is not None else "connection lost without a close frame"
+        self.log.info("client closed (%d) without stop", code)
+        return StreamEnd("client-close", code, reason)
+
+    def _start(self, start: Start) -> None:
+        """Open the sinks and the session; an undecodable format still gets its record."""
+        self.log = StreamLogger(logger, {"stream_sid": _short(start.stream_sid)})
+        request = self.ws.request
+        target = urlsplit(request.path if request is not None else "/")
+        remote = self.ws.remote_address
+        codec, unsupported = None, None
+        try:
+            codec = codec_for(start.media_format, l16_byte_order=self.settings.l16_byte_order)
+        except UnsupportedMedia as exc:
+            unsupported = exc
+        self.info = StreamInfo(
+            start=start,
+            path=target.path,
+            query=target.query,
+            remote=str(remote[0]) if remote else None,
+            started_at=datetime.now(UTC),
+            codec=codec,
+            unsupported_reason=unsupported.reason if unsupported else None,
+        )
+        sinks = [(name, factory(self.settings)) for name, factory in self.receiver.sink_factories]
+        self.fanout = Fanout(
+            sinks,
+            logger=self.log,
+            on_error=lambda name: self.counters.update(["sink_errors", f"sink_errors_{name}"]),
+        )
+        self.counters["streams"] += 1
+        self.log.info(
+            "stream started: %s %d Hz, tracks %s",
+            _short(start.media_format.encoding),
+            start.media_format.sample_rate_hz,
+            _short(",".join(start.tracks)),
+        )
+        self.fanout.open(self.info)
+        if unsupported is not None:
+            raise unsupported
+        assert codec is not None
+        self.session = Session(
+            start,
+            codec=codec,
+            batch_ms=self.settings.batch_ms,
+            max_duration_s=self.settings.max_stream_duration_s,
+        )
+
+    def _finish(self, end: StreamEnd) -> None:
+        """Flush what is pending and close every sink, whatever happened before."""
+        if self.fanout is None or self.info is None:
+            return
+        session, fanout = self.session, self.fanout
+        if session is not None:
+            for batch in session.flush():
+                fanout.write(batch.track, batch.position, batch.samples)
+        rate = self.info.start.media_format.sample_rate_hz
+
+        def summary(sink_errors: tuple[str, ...]) -> StreamSummary:
+            return StreamSummary(
+                end=end,
+                ended_at=datetime.now(UTC),
+                sample_rate_hz=session.rate if session else rate,
+                tracks=session.track_stats if session else {},
+                dtmf=tuple(session.dtmf) if session else (),
+                marks=tuple(session.marks) if session else (),
+                messages=self.messages,
+                unknown_events=tuple(self.unknown_events),
+                sink_errors=sink_errors,
+            )
+
+        fanout.close(summary)
+        stats = session.track_stats if session else {}
+        self.log.info(
+            "stream ended (%s): %s",
+            end.kind,
+            ", ".join(
+                f"{t} {s.samples / (session.rate if session else rate):.2f} s, {s.gaps} gaps"
+                for t, s in stats.items()
+            )
+            or "no audio",
+        )

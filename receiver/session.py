@@ -1,0 +1,237 @@
+"""One stream's life, sans I/O: places each frame on its track's timeline and batches audio.
+
+Sample ``k`` of a track sits at ``k / rate`` seconds after the stream's start, for every track,
+so the tracks of one stream share one timeline. A frame's place comes from ``media.timestamp``
+(ms since the stream started), falling back to ``chunk`` and then to "right after the last
+frame". Lost frames become silence of exactly their length; duplicated or overlapping frames
+never duplicate audio. Audio is decoded in batches (one numpy call per ``batch_ms``), which is
+both what keeps the decoder cheap and what the sinks want.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from receiver.codecs import Codec
+from receiver.events import Dtmf, Mark, Media, Start, Track
+from receiver.exceptions import LimitExceeded, MalformedMessage
+
+
+@dataclass(frozen=True, slots=True)
+class AudioBatch:
+    """Decoded samples of one track starting at ``position`` (samples since stream start).
+
+    ``samples`` may be a read-only view shared with other batches (silence): sinks must not
+    modify it.
+    """
+
+    track: Track
+    position: int
+    samples: NDArray[np.int16]
+
+
+@dataclass(frozen=True, slots=True)
+class DtmfRecord:
+    """A key press placed on the stream's timeline (``at_ms``: where the audio stood)."""
+
+    digit: str
+    at_ms: float
+    duration_ms: int | None
+    track: Track | None
+
+
+@dataclass(frozen=True, slots=True)
+class MarkRecord:
+    """A mark placed on the stream's timeline."""
+
+    name: str
+    at_ms: float
+
+
+@dataclass(slots=True)
+class TrackStats:
+    """What happened to one track; ``samples`` is the track's length including silence."""
+
+    frames: int = 0
+    samples: int = 0
+    audio_samples: int = 0
+    leading_silence_samples: int = 0
+    gaps: int = 0
+    silence_samples: int = 0
+    duplicate_frames: int = 0
+    overlap_samples_dropped: int = 0
+    chunks_missing: int = 0
+    first_chunk: int | None = None
+    last_chunk: int | None = None
+    first_timestamp_ms: int | None = None
+    last_timestamp_ms: int | None = None
+
+    def as_dict(self, sample_rate_hz: int) -> dict[str, Any]:
+        """The record form, with the durations a person reads first."""
+        record = asdict(self)
+        record["duration_s"] = round(self.samples / sample_rate_hz, 6)
+        record["silence_s"] = round(self.silence_samples / sample_rate_hz, 6)
+        return record
+
+
+@dataclass(slots=True)
+class _TrackClock:
+    stats: TrackStats = field(default_factory=TrackStats)
+    cursor: int = 0  # next free sample position of the track
+    pending: list[bytes] = field(default_factory=list)
+    pending_start: int = 0
+    pending_samples: int = 0
+
+
+class Session:
+    """Place frames of one stream in time; return decoded batches ready for the sinks.
+
+    ``media`` returns the batches that became complete (most calls return none); ``flush``
+    returns what is still pending and is called once at the end, however the stream ended.
+    Raises ``MalformedMessage`` for a payload of impossible length and ``LimitExceeded`` for a
+    frame placed beyond ``max_duration_s``.
+    """
+
+    def __init__(
+        self, start: Start, *, codec: Codec, batch_ms: int = 200, max_duration_s: float = 21600.0
+    ) -> None:
+        self.start = start
+        self.codec = codec
+        self.rate = codec.sample_rate_hz
+        self.batch_samples = max(1, self.rate * batch_ms // 1000)
+        self.max_samples = int(max_duration_s * self.rate)
+        self._bytes_per_sample = codec.bytes_per_sample
+        self._tracks: dict[Track, _TrackClock] = {}
+        # One second of shared, read-only silence; long gaps are handed out in views of it.
+        self._silence = np.zeros(self.rate, dtype=np.int16)
+        self._silence.flags.writeable = False
+        self.dtmf: list[DtmfRecord] = []
+        self.marks: list[MarkRecord] = []
+
+    def media(self, frame: Media) -> list[AudioBatch]:
+        """Place one frame; return the batches it completed."""
+        payload = frame.payload
+        if len(payload) % self._bytes_per_sample:
+            raise MalformedMessage(
+                f"{self.codec.name} payload of {len(payload)} bytes is not whole samples"
+            )
+        n = len(payload) // self._bytes_per_sample
+        clock = self._tracks.get(frame.track)
+        if clock is None:
+            clock = self._tracks[frame.track] = _TrackClock()
+        stats = clock.stats
+        chunk, timestamp = frame.chunk, frame.timestamp_ms
+
+        if chunk is not None and stats.last_chunk is not None:
+            if chunk <= stats.last_chunk:
+                stats.duplicate_frames += 1
+                return []
+            stats.chunks_missing += chunk - stats.last_chunk - 1
+
+        if timestamp is not None:
+            target = timestamp * self.rate // 1000
+        elif chunk is not None and stats.last_chunk is not None:
+            target = clock.cursor + (chunk - stats.last_chunk - 1) * n
+        else:
+            target = clock.cursor
+        if target + n > self.max_samples:
+            raise LimitExceeded("media placed beyond the max stream duration")
+
+        stats.frames += 1
+        if chunk is not None:
+            stats.last_chunk = chunk
+            if stats.first_chunk is None:
+                stats.first_chunk = chunk
+        if timestamp is not None:
+            stats.last_timestamp_ms = timestamp
+            if stats.first_timestamp_ms is None:
+                stats.first_timestamp_ms = timestamp
+
+        # Timestamps are whole ms and may jitter: a frame within half its length (and at least
+        # 1 ms) of the cursor continues the track; further away it is a gap or an overlap.
+        tolerance = max(n // 2, self.rate // 1000)
+        out: list[AudioBatch] = []
+        delta = target - clock.cursor
+        if delta > tolerance:
+            out.extend(self._flush_track(frame.track, clock))
+            out.extend(self._silence_batches(frame.track, clock.cursor, delta))
+            if clock.cursor == 0:
+                stats.leading_silence_samples += delta
+            else:
+                stats.gaps += 1
+                stats.silence_samples += delta
+            clock.cursor = target
+        elif delta < -tolerance:
+            skip = -delta
+            if skip >= n:
+                stats.duplicate_frames += 1
+                return out
+            stats.overlap_samples_dropped += skip
+            payload = payload[skip * self._bytes_per_sample :]
+            n -= skip
+
+        if not clock.pending:
+            clock.pending_start = clock.cursor
+        clock.pending.append(payload)
+        clock.pending_samples += n
+        clock.cursor += n
+        stats.audio_samples += n
+        stats.samples = clock.cursor
+        if clock.pending_samples >= self.batch_samples:
+            out.extend(self._flush_track(frame.track, clock))
+        return out
+
+    def flush(self) -> list[AudioBatch]:
+        """Everything still pending, for the end of the stream."""
+        out: list[AudioBatch] = []
+        for track, clock in self._tracks.items():
+            out.extend(self._flush_track(track, clock))
+        return out
+
+    def on_dtmf(self, event: Dtmf) -> DtmfRecord:
+        """Record a key press at the current stream time."""
+        record = DtmfRecord(
+            digit=event.digit,
+            at_ms=self.position_ms,
+            duration_ms=event.duration_ms,
+            track=event.track,
+        )
+        self.dtmf.append(record)
+        return record
+
+    def on_mark(self, event: Mark) -> MarkRecord:
+        """Record a mark at the current stream time."""
+        record = MarkRecord(name=event.name, at_ms=self.position_ms)
+        self.marks.append(record)
+        return record
+
+    @property
+    def position_ms(self) -> float:
+        """How far the stream's audio reaches, in ms since its start (the longest track)."""
+        longest = max((c.cursor for c in self._tracks.values()), default=0)
+        return round(longest * 1000 / self.rate, 3)
+
+    @property
+    def track_stats(self) -> dict[Track, TrackStats]:
+        """Per-track statistics, in the order the tracks first sent audio."""
+        return {track: clock.stats for track, clock in self._tracks.items()}
+
+    def _flush_track(self, track: Track, clock: _TrackClock) -> Iterator[AudioBatch]:
+        if not clock.pending:
+            return
+        data = clock.pending[0] if len(clock.pending) == 1 else b"".join(clock.pending)
+        samples = self.codec.decode(data)
+        position = clock.pending_start
+        clock.pending = []
+        clock.pending_samples = 0
+        yield AudioBatch(track, position, samples)
+
+    def _silence_batches(self, track: Track, position: int, count: int) -> Iterator[AudioBatch]:
+        step = len(self._silence)
+        for offset in range(0, count, step):
+            yield AudioBatch(track, position + offset, self._silence[: min(step, count - offset)])

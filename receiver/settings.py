@@ -1,0 +1,119 @@
+"""Every setting of the receiver, read once at the edge (the CLI) and passed down as values.
+
+Sources, strongest first: CLI flags (passed as init arguments), ``RECEIVER_*`` environment
+variables, a ``.env`` file in the working directory, the defaults below. This is the only module
+that reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from receiver.exceptions import ConfigError
+
+ENV_PREFIX = "RECEIVER_"
+
+ByteOrder = Literal["little", "big"]
+SampleFormat = Literal["pcm16", "native"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class Settings(BaseSettings):
+    """The receiver's configuration; field ``x`` is the variable ``RECEIVER_X``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+    )
+
+    host: str = "0.0.0.0"  # noqa: S104 - a server meant to be reached from the platform
+    port: int = Field(default=8443, ge=0, le=65535)
+    # Accepted bearer tokens; several at once so that a token can be rotated without downtime.
+    tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    insecure_ws: bool = False
+    # Where the development certificate is kept so that it survives restarts.
+    state_dir: Path = Path(".receiver")
+    recordings_dir: Path = Path("recordings")
+    l16_byte_order: ByteOrder = "little"
+    sample_format: SampleFormat = "pcm16"
+    sinks: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["wav"])
+    # How much audio a track gathers before it is handed to the sinks.
+    batch_ms: int = Field(default=200, ge=20, le=10_000)
+    # Limits. A 20 ms frame of 24 kHz L16 is about 1.4 KB of JSON; 64 KiB holds over 1 s of it.
+    max_message_bytes: int = Field(default=65_536, ge=4_096, le=16 * 1024 * 1024)
+    max_streams: int = Field(default=500, ge=1, le=100_000)
+    handshake_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    idle_timeout_s: float = Field(default=60.0, gt=0, le=86_400)
+    max_stream_duration_s: float = Field(default=6 * 3600.0, gt=0, le=7 * 86_400)
+    drain_timeout_s: float = Field(default=10.0, ge=0, le=600)
+    log_level: LogLevel = "INFO"
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [t.strip() for t in value.split(",") if t.strip()]
+        return value
+
+    @field_validator("tokens")
+    @classmethod
+    def _check_tokens(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for token in value:
+            secret = token.get_secret_value()
+            # RFC 6750 b64token characters; anything else could not travel in the header.
+            if len(secret) < 16 or not secret.isascii() or any(c.isspace() for c in secret):
+                raise ValueError("each token needs at least 16 printable ASCII characters")
+        return value
+
+    @field_validator("sinks", mode="before")
+    @classmethod
+    def _split_sinks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [s.strip() for s in value.split(",") if s.strip()]
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            missing = "TLS_KEY" if self.tls_key is None else "TLS_CERT"
+            raise ValueError(f"{ENV_PREFIX}{missing} must be set together with the other")
+        if not self.sinks:
+            raise ValueError(f"{ENV_PREFIX}SINKS names no sink")
+        return self
+
+    @property
+    def token_values(self) -> list[str]:
+        """The plain token strings, for the handshake check only; never log them."""
+        return [t.get_secret_value() for t in self.tokens]
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment, ``.env`` and ``overrides`` (CLI flags).
+
+    Raises ``ConfigError`` naming the first invalid variable, for a one-line message.
+    """
+    cleaned = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**cleaned)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        location = [str(part) for part in error["loc"] if not isinstance(part, int)]
+        variable = ENV_PREFIX + location[0].upper() if location else "settings"
+        value = error.get("input")
+        shown = "" if location and location[0] == "tokens" else f" (got {value!r})"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        raise ConfigError(variable, f"{message}{shown}") from None

@@ -1,0 +1,205 @@
+"""Play audio into a receiver exactly as the platform does: connected, start, media, stop.
+
+``build_messages`` makes the JSON text frames (pure); ``play`` sends them over a real
+WebSocket. Tests use both; people use ``receiver simulate`` to check a deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import ssl
+import uuid
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from receiver.codecs import Codec
+from receiver.events import Track
+
+Layout = Literal["signalwire", "twilio"]
+
+
+@dataclass(frozen=True, slots=True)
+class PlayResult:
+    """How the server ended the connection, and what was sent."""
+
+    close_code: int | None
+    close_reason: str | None
+    messages_sent: int
+
+
+def frame_messages(
+    *,
+    codec: Codec,
+    tracks: Mapping[Track, bytes],
+    frame_ms: int = 20,
+    stream_sid: str | None = None,
+    drop: Mapping[Track, Collection[int]] | None = None,
+    layout: Layout = "signalwire",
+    first_sequence_number: int = 2,
+) -> list[str]:
+    """``media`` messages for already-encoded audio, both tracks interleaved in time.
+
+    Each track is cut into ``frame_ms`` frames (the last may be shorter); frame ``i`` has
+    ``chunk`` ``i + 1`` and ``timestamp`` its start in ms. Chunks listed in ``drop[track]`` are
+    left out, as if lost on the way, so the receiver sees the chunk and timestamp jump.
+    """
+    bytes_per_frame = codec.sample_rate_hz * frame_ms // 1000 * codec.bytes_per_sample
+    frames = {
+        t: len(data) // bytes_per_frame + bool(len(data) % bytes_per_frame)
+        for t, data in tracks.items()
+    }
+    drop = drop or {}
+    messages: list[str] = []
+    sequence = first_sequence_number
+    for i in range(max(frames.values(), default=0)):
+        for track, data in tracks.items():
+            chunk = i + 1
+            if i >= frames[track] or chunk in drop.get(track, ()):
+                continue
+            payload = data[i * bytes_per_frame : (i + 1) * bytes_per_frame]
+            message: dict[str, Any] = {
+                "event": "media",
+                "sequenceNumber": str(sequence),
+                "media": {
+                    "track": track,
+                    "chunk": str(chunk),
+                    "timestamp": str(i * frame_ms),
+                    "payload": base64.b64encode(payload).decode("ascii"),
+                },
+            }
+            if layout == "twilio":
+                message["streamSid"] = stream_sid
+            messages.append(json.dumps(message))
+            sequence += 1
+    return messages
+
+
+def build_messages(
+    *,
+    codec: Codec,
+    tracks: Mapping[Track, bytes],
+    frame_ms: int = 20,
+    stream_sid: str | None = None,
+    account_sid: str | None = None,
+    call_sid: str | None = None,
+    custom_parameters: Mapping[str, str] | None = None,
+    drop: Mapping[Track, Collection[int]] | None = None,
+    layout: Layout = "signalwire",
+    stop: bool = True,
+) -> list[str]:
+    """The whole stream as the platform sends it: connected, start, media..., stop."""
+    stream_sid = stream_sid or str(uuid.uuid4())
+    twilio = layout == "twilio"
+    start: dict[str, Any] = {
+        "streamSid": stream_sid,
+        "accountSid": account_sid or ("AC" + uuid.uuid4().hex if twilio else str(uuid.uuid4())),
+        "callSid": call_sid or ("CA" + uuid.uuid4().hex if twilio else str(uuid.uuid4())),
+        "tracks": list(tracks),
+        "mediaFormat": {
+            "encoding": codec.media_format.encoding,
+            "sampleRate": codec.sample_rate_hz,
+            "channels": 1,
+        },
+    }
+    if custom_parameters:
+        start["customParameters"] = dict(custom_parameters)
+    connected = {
+        "event": "connected",
+        "protocol": "Call",
+        "version": "1.0.0" if twilio else "0.2.0",
+    }
+    start_message: dict[str, Any] = {"event": "start", "sequenceNumber": "1", "start": start}
+    if twilio:
+        start_message["streamSid"] = stream_sid
+    media = frame_messages(
+        codec=codec,
+        tracks=tracks,
+        frame_ms=frame_ms,
+        stream_sid=stream_sid,
+        drop=drop,
+        layout=layout,
+    )
+    messages = [json.dumps(connected), json.dumps(start_message), *media]
+    if stop:
+        stop_message: dict[str, Any] = {"event": "stop", "sequenceNumber": str(len(media) + 2)}
+        if twilio:
+            stop_message["streamSid"] = stream_sid
+            stop_message["stop"] = {"accountSid": start["accountSid"], "callSid": start["callSid"]}
+        messages.append(json.dumps(stop_message))
+    return messages
+
+
+async def play(
+    url: str,
+    messages: Iterable[str],
+    *,
+    token: str | None,
+    ssl_context: ssl.SSLContext | None = None,
+    frame_interval_s: float = 0.0,
+    frames_per_interval: int = 1,
+    close_timeout_s: float = 10.0,
+) -> PlayResult:
+    """Send ``messages`` over one WebSocket, as the platform would, and wait for the close.
+
+    With ``frame_interval_s`` the media messages are paced like a live call
+    (``frames_per_interval`` messages per interval: 2 for both tracks). After a ``stop`` the
+    client waits for the server to close, which it does once every file is finished; without
+    one it closes the connection itself, like a hang-up.
+    """
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    sent = 0
+    saw_stop = False
+    loop = asyncio.get_running_loop()
+    async with connect(
+        url,
+        additional_headers=headers,
+        ssl=ssl_context if url.startswith("wss:") else None,
+        compression=None,
+        max_size=None,
+        close_timeout=close_timeout_s,
+    ) as ws:
+        started = loop.time()
+        media_sent = 0
+        try:
+            for message in messages:
+                event = _event_name(message)
+                if frame_interval_s and event == "media":
+                    due = started + (media_sent // frames_per_interval) * frame_interval_s
+                    delay = due - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    media_sent += 1
+                await ws.send(message)
+                sent += 1
+                saw_stop = saw_stop or event == "stop"
+            if saw_stop:
+                async with asyncio.timeout(close_timeout_s):
+                    await ws.wait_closed()
+        except ConnectionClosed:
+            pass
+    return PlayResult(ws.close_code, ws.close_reason, sent)
+
+
+def _event_name(message: str) -> str | None:
+    try:
+        value = json.loads(message)
+    except ValueError:
+        return None
+    return value.get("event") if isinstance(value, dict) else None
+
+
+def parse_params(pairs: Sequence[str]) -> dict[str, str]:
+    """``k=v`` strings into a dict (the simulator's ``--param``)."""
+    params: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param takes key=value, got {pair!r}")
+        params[key] = value
+    return params

@@ -1,0 +1,112 @@
+"""Sinks: where streams go. ``Fanout`` runs several per stream, each isolated from the others.
+
+Sinks are found by name: the built-in ones below, then the ``receiver.sinks`` entry-point group,
+whose objects are ``SinkFactory`` callables (``Settings -> Sink``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from receiver.events import Track
+from receiver.exceptions import ConfigError, SinkError
+from receiver.session import DtmfRecord, MarkRecord
+from receiver.sinks.base import Sink, SinkFactory, StreamInfo, StreamSummary
+from receiver.sinks.memory import MemorySink
+from receiver.sinks.wav import WavSink
+
+__all__ = [
+    "Fanout",
+    "MemorySink",
+    "Sink",
+    "SinkFactory",
+    "StreamInfo",
+    "StreamSummary",
+    "WavSink",
+    "load_sink_factories",
+]
+
+ENTRY_POINT_GROUP = "receiver.sinks"
+_BUILT_IN: dict[str, SinkFactory] = {"wav": WavSink.from_settings}
+
+
+def load_sink_factories(names: Sequence[str]) -> list[tuple[str, SinkFactory]]:
+    """Resolve sink names to factories; an unknown name is a ``ConfigError`` at start-up."""
+    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    factories: list[tuple[str, SinkFactory]] = []
+    for name in names:
+        if name in _BUILT_IN:
+            factories.append((name, _BUILT_IN[name]))
+        elif name in found:
+            factories.append((name, found[name].load()))
+        else:
+            known = ", ".join(sorted(set(_BUILT_IN) | set(found)))
+            raise ConfigError("RECEIVER_SINKS", f"unknown sink {name!r} (known: {known})")
+    return factories
+
+
+class Fanout:
+    """Hands one stream to several sinks; a sink that raises is dropped, not the stream.
+
+    A failed sink is logged once, counted through ``on_error`` and named in ``errors`` (which
+    the summary carries into ``stream.json``). ``close`` still reaches it, so that whatever it
+    had written gets finished.
+    """
+
+    def __init__(
+        self,
+        sinks: Sequence[tuple[str, Sink]],
+        *,
+        logger: logging.Logger | logging.LoggerAdapter[Any],
+        on_error: Callable[[str], None] = lambda name: None,
+    ) -> None:
+        self._sinks = list(sinks)
+        self._live = list(sinks)
+        self._logger = logger
+        self._on_error = on_error
+        self.errors: list[str] = []
+
+    def open(self, info: StreamInfo) -> None:
+        """Open every sink."""
+        for name, sink in list(self._live):
+            self._call(name, sink, "open", sink.open, info)
+
+    def write(self, track: Track, position: int, samples: NDArray[np.int16]) -> None:
+        """Write a batch to every sink still working."""
+        for name, sink in self._live:
+            try:
+                sink.write(track, position, samples)
+            except Exception as exc:  # noqa: BLE001 - isolate the sink, keep the stream
+                self._fail(name, sink, "write", exc)
+
+    def event(self, record: DtmfRecord | MarkRecord) -> None:
+        """Pass a DTMF digit or mark to every sink still working."""
+        for name, sink in list(self._live):
+            self._call(name, sink, "event", sink.event, record)
+
+    def close(self, summary_for: Callable[[tuple[str, ...]], StreamSummary]) -> None:
+        """Close every sink, failed ones too; ``summary_for(errors)`` builds the summary."""
+        summary = summary_for(tuple(self.errors))
+        for name, sink in self._sinks:
+            self._call(name, sink, "close", sink.close, summary)
+
+    def _call(
+        self, name: str, sink: Sink, step: str, method: Callable[[Any], None], arg: Any
+    ) -> None:
+        try:
+            method(arg)
+        except Exception as exc:  # noqa: BLE001 - isolate the sink, keep the stream
+            self._fail(name, sink, step, exc)
+
+    def _fail(self, name: str, sink: Sink, step: str, exc: Exception) -> None:
+        error = SinkError(name, exc)
+        self.errors.append(f"{step}: {error}")
+        self._logger.error("%s during %s", error, step)
+        self._on_error(name)
+        self._live = [(n, s) for n, s in self._live if s is not sink]

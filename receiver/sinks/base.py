@@ -1,0 +1,142 @@
+"""The sink contract: where a stream's audio and events go.
+
+A sink is created per stream (by a ``SinkFactory``) and sees the stream's whole life, in order:
+
+1. ``open(info)`` once, after ``start`` (nothing is created before the client authenticated and
+   started a stream). ``info.codec`` is ``None`` when the encoding cannot be decoded; then no
+   ``write`` follows, and ``close`` says why.
+2. ``write(track, position, samples)`` many times: int16 mono samples of one track, in batches
+   of about ``batch_ms``, ``position`` in samples since the stream's start. Per track, batches
+   come in order and are contiguous: the first starts at 0 and each starts where the previous
+   ended (gaps are already filled with silence). ``samples`` may be a shared read-only view:
+   never modify it, copy what you keep.
+3. ``event(record)`` for each DTMF digit and mark, with its place on the timeline.
+4. ``close(summary)`` once, however the stream ended (stop, client close, protocol error,
+   shutdown), also after a failed ``open`` or ``write``.
+
+Calls come from the event loop: keep each one short (a buffered file write, a queue put). A sink
+that raises is logged, counted and named in ``stream.json``; it never takes the server or the
+other sinks down (see ``receiver.sinks.Fanout``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from receiver.codecs import Codec
+from receiver.events import Start, Track
+from receiver.session import DtmfRecord, MarkRecord, TrackStats
+
+if TYPE_CHECKING:
+    from receiver.settings import Settings
+
+EndKind = Literal[
+    "stop", "client-close", "protocol-error", "idle-timeout", "max-duration", "shutdown", "error"
+]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """What is known when a stream starts."""
+
+    start: Start
+    path: str
+    query: str
+    remote: str | None
+    started_at: datetime
+    codec: Codec | None
+    unsupported_reason: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The stream's identity and format, as ``stream.json`` and other sinks record it."""
+        start = self.start
+        return {
+            "stream_sid": start.stream_sid,
+            "account_sid": start.account_sid,
+            "call_sid": start.call_sid,
+            "path": self.path,
+            "query": self.query,
+            "remote": self.remote,
+            "tracks": list(start.tracks),
+            "media_format": {
+                "encoding": start.media_format.encoding,
+                "sample_rate_hz": start.media_format.sample_rate_hz,
+                "channels": start.media_format.channels,
+            },
+            "codec": self.codec.name if self.codec else None,
+            "custom_parameters": dict(start.custom_parameters),
+            "start": dict(start.raw),
+            "started_at": self.started_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """How a stream ended: ``kind``, the close code sent or received, and a reason."""
+
+    kind: EndKind
+    close_code: int | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSummary:
+    """What happened, handed to ``close``."""
+
+    end: StreamEnd
+    ended_at: datetime
+    sample_rate_hz: int
+    tracks: Mapping[Track, TrackStats] = field(default_factory=dict)
+    dtmf: tuple[DtmfRecord, ...] = ()
+    marks: tuple[MarkRecord, ...] = ()
+    messages: int = 0
+    unknown_events: tuple[str, ...] = ()
+    sink_errors: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """The stream's outcome, as ``stream.json`` records it."""
+        return {
+            "ended_at": self.ended_at.isoformat(),
+            "end": {
+                "kind": self.end.kind,
+                "close_code": self.end.close_code,
+                "reason": self.end.reason,
+            },
+            "messages": self.messages,
+            "tracks": {
+                track: stats.as_dict(self.sample_rate_hz) for track, stats in self.tracks.items()
+            },
+            "dtmf": [
+                {"digit": d.digit, "at_ms": d.at_ms, "duration_ms": d.duration_ms, "track": d.track}
+                for d in self.dtmf
+            ],
+            "marks": [{"name": m.name, "at_ms": m.at_ms} for m in self.marks],
+            "unknown_events": list(self.unknown_events),
+            "sink_errors": list(self.sink_errors),
+        }
+
+
+class Sink(Protocol):
+    """Receives one stream's audio and events; see the module docstring for the contract."""
+
+    def open(self, info: StreamInfo) -> None:
+        """The stream started; ``info.codec`` is None when its audio cannot be decoded."""
+
+    def write(self, track: Track, position: int, samples: NDArray[np.int16]) -> None:
+        """Contiguous int16 samples of ``track`` from sample ``position``; do not modify them."""
+
+    def event(self, record: DtmfRecord | MarkRecord) -> None:
+        """A DTMF digit or a mark, placed on the stream's timeline."""
+
+    def close(self, summary: StreamSummary) -> None:
+        """The stream ended; finish every file. Called exactly once."""
+
+
+SinkFactory = Callable[["Settings"], Sink]
+"""Builds one sink per stream from the settings; what the ``receiver.sinks`` entry points name."""

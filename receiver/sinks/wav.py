@@ -1,0 +1,151 @@
+"""The default sink: one WAV file per track plus ``stream.json``, in a directory per stream.
+
+Layout: ``<recordings_dir>/<streamSid, sanitised>[-N]/{inbound,outbound}.wav`` and
+``stream.json``. ``stream.json`` is written when the stream starts (``"status": "recording"``)
+and replaced atomically when it ends (``"status": "complete"``), so a reader never sees half a
+record. WAV files are written through libsndfile, which writes a correct header on close.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import soundfile
+from numpy.typing import NDArray
+
+from receiver import __version__
+from receiver.events import Track
+from receiver.session import DtmfRecord, MarkRecord
+from receiver.sinks.base import StreamInfo, StreamSummary
+
+if TYPE_CHECKING:
+    from receiver.settings import SampleFormat, Settings
+
+RECORD_NAME = "stream.json"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_MAX_DIR_CHARS = 64
+_MAX_SAME_SID = 1000
+# Native G.711 keeps the platform's bytes; libsndfile encodes our int16 back to the same codes.
+_NATIVE_SUBTYPES = {"pcmu": "ULAW", "pcma": "ALAW"}
+
+
+def safe_dirname(stream_sid: str) -> str:
+    """A directory name for ``stream_sid`` that cannot leave the recordings directory.
+
+    Only ``[A-Za-z0-9_-]`` survive (so no ``.``, ``/``, NUL or unicode), at most 64 characters;
+    a sid that had to be changed gets a hash of the original, so that two hostile sids that
+    sanitise alike still differ.
+    """
+    cleaned = _UNSAFE.sub("_", stream_sid)[:_MAX_DIR_CHARS]
+    if cleaned == stream_sid and cleaned:
+        return cleaned
+    digest = hashlib.sha256(stream_sid.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{cleaned[: _MAX_DIR_CHARS - 13] or 'stream'}-{digest}"
+
+
+def make_stream_dir(root: Path, stream_sid: str) -> Path:
+    """Create a new directory for the stream; a second stream with the same sid gets ``-2``..."""
+    base = safe_dirname(stream_sid)
+    for n in range(1, _MAX_SAME_SID + 1):
+        candidate = root / (base if n == 1 else f"{base}-{n}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"{_MAX_SAME_SID} streams already recorded under {base!r}")
+
+
+def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
+    """Replace ``path`` with ``record`` so that readers see the old or the new file, whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    # ensure_ascii: ids and parameters may hold lone surrogates that UTF-8 cannot carry.
+    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=True) + "\n", encoding="ascii")
+    os.replace(tmp, path)
+
+
+class WavSink:
+    """Per-track WAV files and the ``stream.json`` record of one stream."""
+
+    def __init__(self, *, recordings_dir: Path, sample_format: SampleFormat = "pcm16") -> None:
+        self.recordings_dir = recordings_dir
+        self.sample_format = sample_format
+        self.directory: Path | None = None
+        self._info: StreamInfo | None = None
+        self._files: dict[Track, soundfile.SoundFile] = {}
+        self._frames: dict[Track, int] = {}
+        self._events: list[DtmfRecord | MarkRecord] = []
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WavSink:
+        """The ``receiver.sinks`` entry point: one sink per stream."""
+        return cls(recordings_dir=settings.recordings_dir, sample_format=settings.sample_format)
+
+    def open(self, info: StreamInfo) -> None:
+        """Create the stream's directory and its first ``stream.json``."""
+        self._info = info
+        self.directory = make_stream_dir(self.recordings_dir, info.start.stream_sid)
+        write_json_atomic(self.directory / RECORD_NAME, self._record(status="recording"))
+
+    def write(self, track: Track, position: int, samples: NDArray[np.int16]) -> None:
+        """Append to ``<track>.wav``, opening it on the track's first batch."""
+        file = self._files.get(track) or self._open_track(track)
+        written = self._frames[track]
+        if position != written:
+            raise ValueError(f"{track}: batch at {position}, file holds {written} samples")
+        file.write(samples)
+        self._frames[track] = written + len(samples)
+
+    def event(self, record: DtmfRecord | MarkRecord) -> None:
+        """Kept for ``stream.json``."""
+        self._events.append(record)
+
+    def close(self, summary: StreamSummary) -> None:
+        """Finish every WAV header, then write the final ``stream.json``."""
+        errors: list[BaseException] = []
+        for file in self._files.values():
+            try:
+                file.close()
+            except Exception as exc:  # noqa: BLE001 - finish the other files, then report
+                errors.append(exc)
+        if self.directory is not None:
+            write_json_atomic(
+                self.directory / RECORD_NAME, self._record(status="complete", summary=summary)
+            )
+        if errors:
+            raise errors[0]
+
+    def _open_track(self, track: Track) -> soundfile.SoundFile:
+        assert self._info is not None and self._info.codec is not None and self.directory
+        codec = self._info.codec
+        subtype = "PCM_16"
+        if self.sample_format == "native":
+            subtype = _NATIVE_SUBTYPES.get(codec.name, "PCM_16")
+        file = soundfile.SoundFile(
+            self.directory / f"{track}.wav",
+            mode="w",
+            samplerate=codec.sample_rate_hz,
+            channels=1,
+            format="WAV",
+            subtype=subtype,
+        )
+        self._files[track] = file
+        self._frames[track] = 0
+        return file
+
+    def _record(self, *, status: str, summary: StreamSummary | None = None) -> dict[str, Any]:
+        assert self._info is not None
+        record: dict[str, Any] = {"receiver": __version__, "status": status}
+        record.update(self._info.as_dict())
+        record["unsupported_reason"] = self._info.unsupported_reason
+        record["sample_format"] = self.sample_format
+        record["files"] = {track: f"{track}.wav" for track in self._files}
+        if summary is not None:
+            record.update(summary.as_dict())
+        return record

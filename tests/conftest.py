@@ -1,0 +1,186 @@
+"""Shared fixtures: real test audio (espeak-ng + sox), a TLS certificate for the session, and
+real receivers on loopback port 0 writing under ``tmp_path``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile
+from numpy.typing import NDArray
+
+from receiver import tls
+from receiver.server import Receiver
+from receiver.settings import Settings
+
+TOKEN = "test-token-0123456789abcdef"
+OTHER_TOKEN = "rotated-token-abcdef0123456789"
+
+SENTENCES = {
+    "inbound": "The quick brown fox jumps over the lazy dog. Seven silver swans swam south.",
+    "outbound": "Thank you for calling. Your conference is being recorded for quality.",
+}
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No RECEIVER_* or SIGNALWIRE_* variable of the developer's shell leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith(("RECEIVER_", "SIGNALWIRE_")):
+            monkeypatch.delenv(name)
+
+
+def run(*argv: str | Path) -> None:
+    """Run a tool (sox, espeak-ng) and fail the test with its stderr if it fails."""
+    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, f"{argv[0]} failed: {result.stderr}"
+
+
+@dataclass(frozen=True)
+class Speech:
+    """Real speech for one track at several rates, made by espeak-ng and resampled by sox."""
+
+    wav: dict[int, Path]
+
+    def samples(self, rate: int) -> NDArray[np.int16]:
+        data, file_rate = soundfile.read(self.wav[rate], dtype="int16")
+        assert file_rate == rate
+        return np.asarray(data, dtype=np.int16)
+
+
+@pytest.fixture(scope="session")
+def speech(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Speech]:
+    """Two different utterances (one per track) at 8, 16 and 24 kHz, 16-bit mono WAV."""
+    for tool in ("espeak-ng", "sox"):
+        assert shutil.which(tool), f"{tool} is needed by the tests (bash scripts/test installs it)"
+    root = tmp_path_factory.mktemp("speech")
+    made: dict[str, Speech] = {}
+    for track, sentence in SENTENCES.items():
+        raw = root / f"{track}-espeak.wav"
+        run("espeak-ng", "-w", raw, sentence)
+        wavs = {}
+        for rate in (8000, 16000, 24000):
+            wavs[rate] = root / f"{track}-{rate}.wav"
+            run("sox", raw, "-r", rate, "-c", "1", "-b", "16", "-e", "signed-integer", wavs[rate])
+        made[track] = Speech(wavs)
+    return made
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: Path
+    key: Path
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A self-signed certificate for localhost/127.0.0.1 made for this test session."""
+    root = tmp_path_factory.mktemp("tls")
+    cert, key = root / "cert.pem", root / "key.pem"
+    tls.write_self_signed(cert, key, dns_names=("localhost",), ips=("127.0.0.1", "::1"))
+    return TlsFiles(cert, key)
+
+
+@pytest.fixture
+def client_ssl(tls_files: TlsFiles) -> Any:
+    """A client TLS context that trusts only what it must: the test certificate."""
+    return tls.client_context(tls_files.cert)
+
+
+def make_settings(recordings: Path, **overrides: Any) -> Settings:
+    """Settings for a test receiver: loopback, port 0, the test token, no .env file."""
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "tokens": [TOKEN, OTHER_TOKEN],
+        "recordings_dir": recordings,
+        "drain_timeout_s": 0.0,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+StartReceiver = Callable[..., Awaitable[Receiver]]
+
+
+@pytest.fixture
+async def start_receiver(tmp_path: Path, tls_files: TlsFiles) -> AsyncIterator[StartReceiver]:
+    """Start real receivers (TLS, port 0, recordings under tmp_path); shut down after the test."""
+    started: list[Receiver] = []
+
+    async def start(
+        *, tls_on: bool = True, sink_factories: Any = None, **overrides: Any
+    ) -> Receiver:
+        recordings = overrides.pop("recordings_dir", tmp_path / "recordings")
+        recordings.mkdir(parents=True, exist_ok=True)
+        settings = make_settings(recordings, **overrides)
+        context = tls.server_context(tls_files.cert, tls_files.key) if tls_on else None
+        receiver = Receiver(settings, ssl_context=context, sink_factories=sink_factories)
+        await receiver.start()
+        started.append(receiver)
+        return receiver
+
+    yield start
+    for receiver in started:
+        await receiver.shutdown(drain_timeout_s=0)
+
+
+@pytest.fixture
+async def receiver(start_receiver: StartReceiver) -> Receiver:
+    """One receiver on its test defaults."""
+    return await start_receiver()
+
+
+def url(receiver: Receiver, path: str = "/media", *, scheme: str = "wss") -> str:
+    """The receiver's URL on loopback."""
+    return f"{scheme}://localhost:{receiver.port}{path}"
+
+
+async def wait_idle(receiver: Receiver, *, timeout_s: float = 10.0) -> None:
+    """Wait until the receiver has finished every stream (files closed)."""
+    async with asyncio.timeout(timeout_s):
+        while receiver.active_streams:
+            await asyncio.sleep(0.01)
+
+
+def sox_decode(raw: Path, kind: str, rate: int = 8000) -> NDArray[np.int16]:
+    """Decode raw G.711 (``ul``/``al``) with sox: the independent reference decoder."""
+    out = raw.with_suffix(".s16")
+    run(
+        "sox",
+        "-t",
+        kind,
+        "-r",
+        rate,
+        "-c",
+        "1",
+        raw,
+        "-t",
+        "s16",
+        "-e",
+        "signed-integer",
+        "-L",
+        out,
+    )
+    return np.frombuffer(out.read_bytes(), dtype="<i2").astype(np.int16)
+
+
+def sox_encode(wav: Path, kind: str, out: Path) -> bytes:
+    """Encode a WAV to raw ``ul``/``al``/``s16`` with sox: the outside encoder."""
+    extra = ["-e", "signed-integer", "-L"] if kind == "s16" else []
+    run("sox", wav, "-t", kind, *extra, out)
+    return out.read_bytes()
+
+
+def read_wav(path: Path) -> tuple[NDArray[np.int16], int]:
+    """A recorded WAV as int16 samples and its rate, read with soundfile."""
+    data, rate = soundfile.read(path, dtype="int16")
+    return np.asarray(data, dtype=np.int16), int(rate)

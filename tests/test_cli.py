@@ -1,0 +1,239 @@
+"""The command line as people run it: `receiver serve`, `simulate`, `health` in subprocesses."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile
+
+from tests.conftest import run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def receiver_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "receiver", *args]
+
+
+def env_with(**values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECEIVER_")}
+    env.update(values)
+    return env
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("RECEIVER_PORT", "99999"),
+        ("RECEIVER_PORT", "eighty"),
+        ("RECEIVER_L16_BYTE_ORDER", "middle"),
+        ("RECEIVER_TOKENS", "short"),
+        ("RECEIVER_MAX_STREAMS", "0"),
+        ("RECEIVER_SINKS", "nonexistent"),
+    ],
+)
+def test_invalid_setting_is_one_line_naming_the_variable(
+    tmp_path: Path, variable: str, value: str
+) -> None:
+    """An invalid setting stops `serve` with exit 2 and one line that names the variable."""
+    result = subprocess.run(
+        receiver_cmd("serve"),
+        env=env_with(**{variable: value}),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert variable in lines[0]
+    assert "short" not in lines[0] or variable != "RECEIVER_TOKENS"  # tokens are never echoed
+    assert not (tmp_path / "recordings").exists() or variable == "RECEIVER_SINKS"
+
+
+def test_unwritable_recordings_dir_exits_2(tmp_path: Path) -> None:
+    """A recordings dir that cannot be created stops start-up with one clear line."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = subprocess.run(
+        receiver_cmd("serve", "--recordings-dir", str(blocker / "recordings")),
+        env=env_with(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "RECEIVER_RECORDINGS_DIR" in result.stderr
+
+
+class Served:
+    """A `receiver serve` subprocess on a free port, with its stderr collected to a file."""
+
+    def __init__(self, cwd: Path, **env: str) -> None:
+        self.port = free_port()
+        self.log = cwd / "serve.log"
+        self.cwd = cwd
+        self.env = env_with(
+            RECEIVER_PORT=str(self.port),
+            RECEIVER_HOST="127.0.0.1",
+            RECEIVER_DRAIN_TIMEOUT_S="1",
+            **env,
+        )
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(
+                receiver_cmd("serve"),
+                cwd=cwd,
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+
+    def wait_listening(self) -> str:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = self.log.read_text()
+            if "listening on" in text:
+                return text
+            assert self.proc.poll() is None, text
+            time.sleep(0.05)
+        raise AssertionError(self.log.read_text())
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Any]:
+    started: list[Served] = []
+
+    def start(**env: str) -> Served:
+        s = Served(tmp_path, **env)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait()
+
+
+def test_serve_on_defaults_then_simulate_then_sigterm(served: Any, tmp_path: Path) -> None:
+    """`serve` with no token or certificate prints a token and makes a dev certificate; the
+    simulator records through it; `health` says 200; SIGTERM exits 0 with files finished."""
+    server = served()
+    log = server.wait_listening()
+    match = re.search(r"bearer token.*:\n\n    (\S+)\n", log)
+    assert match, log
+    token = match.group(1)
+    assert "DEVELOPMENT certificate" in log
+    assert re.search(r"SHA-256 ([0-9A-F]{2}:){31}[0-9A-F]{2}", log)
+    assert (tmp_path / ".receiver" / "dev-cert.pem").is_file()
+
+    health = subprocess.run(
+        receiver_cmd("health"),
+        env=server.env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert health.returncode == 0, health.stderr
+
+    tone = tmp_path / "tone.wav"
+    run("sox", "-n", "-r", "8000", "-c", "1", "-b", "16", tone, "synth", "1", "sine", "440")
+    sim = subprocess.run(
+        receiver_cmd(
+            "simulate",
+            str(tone),
+            str(tone),
+            "--token",
+            token,
+            "--url",
+            f"wss://localhost:{server.port}/calls/1",
+            "--param",
+            "room=42",
+            "--stream-sid",
+            "cli-sim",
+        ),
+        env=server.env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert sim.returncode == 0, sim.stdout + sim.stderr
+    assert "1000" in sim.stdout
+    assert server.stop() == 0
+    directory = tmp_path / "recordings" / "cli-sim"
+    for track in ("inbound", "outbound"):
+        data, rate = soundfile.read(directory / f"{track}.wav", dtype="int16")
+        assert rate == 8000 and len(data) == 8000
+        assert np.abs(data).max() > 1000
+    final_log = server.log.read_text()
+    assert token not in final_log.replace(match.group(0), "")  # printed once, never logged
+
+
+def test_simulate_without_token_is_refused(tmp_path: Path) -> None:
+    """The simulator asks for a token instead of connecting without one."""
+    tone = tmp_path / "tone.wav"
+    run("sox", "-n", "-r", "8000", "-c", "1", "-b", "16", tone, "synth", "0.1", "sine", "440")
+    result = subprocess.run(
+        receiver_cmd("simulate", str(tone)),
+        env=env_with(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--token" in result.stderr
+
+
+def test_simulate_refuses_wrong_rate_with_a_sox_hint(tmp_path: Path) -> None:
+    """A WAV at the wrong rate is refused with the sox command that converts it."""
+    tone = tmp_path / "tone.wav"
+    run("sox", "-n", "-r", "44100", "-c", "1", "-b", "16", tone, "synth", "0.1", "sine", "440")
+    result = subprocess.run(
+        receiver_cmd("simulate", str(tone), "--token", "x" * 20),
+        env=env_with(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "44100" in result.stderr and "sox" in result.stderr
+
+
+def test_insecure_ws_says_so(served: Any) -> None:
+    """RECEIVER_INSECURE_WS serves ws:// and warns about it."""
+    server = served(RECEIVER_INSECURE_WS="true", RECEIVER_TOKENS="t" * 20)
+    log = server.wait_listening()
+    assert "PLAIN ws://" in log
+    assert "listening on ws://" in log
+    assert server.stop() == 0

@@ -1,0 +1,513 @@
+"""End to end: a real receiver on loopback over real TLS, the simulator as the platform, and
+the WAV files read back with soundfile and compared sample by sample with sox's decoding."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidMessage, InvalidStatus
+
+from receiver.codecs import CLI_CODECS, codec_for
+from receiver.events import MediaFormat
+from receiver.server import Receiver
+from receiver.simulate import build_messages, play
+from tests.conftest import (
+    OTHER_TOKEN,
+    TOKEN,
+    StartReceiver,
+    read_wav,
+    sox_decode,
+    sox_encode,
+    url,
+    wait_idle,
+)
+
+PCMU = codec_for(CLI_CODECS["pcmu"])
+PCMA = codec_for(CLI_CODECS["pcma"])
+
+
+def recording(receiver: Receiver, sid: str) -> Path:
+    """The directory of the (only) recording of ``sid``."""
+    path = receiver.settings.recordings_dir / sid
+    assert path.is_dir(), f"no recording directory for {sid}: {list_tree(receiver)}"
+    return path
+
+
+def list_tree(receiver: Receiver) -> list[str]:
+    root = receiver.settings.recordings_dir
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def record_of(directory: Path) -> dict[str, Any]:
+    return json.loads((directory / "stream.json").read_text())
+
+
+async def test_pcmu_both_tracks_sample_exact(
+    receiver: Receiver, client_ssl: ssl.SSLContext, speech: Any, tmp_path: Path
+) -> None:
+    """μ-law from sox on both tracks is recorded sample-exact on one shared timeline."""
+    encoded = {t: sox_encode(speech[t].wav[8000], "ul", tmp_path / f"{t}.ul") for t in speech}
+    expected = {t: sox_decode(tmp_path / f"{t}.ul", "ul") for t in speech}
+    messages = build_messages(
+        codec=PCMU, tracks=encoded, stream_sid="MZ-pcmu-both", custom_parameters={"room": "42"}
+    )
+    result = await play(url(receiver), messages, token=TOKEN, ssl_context=client_ssl)
+    assert result.close_code == 1000
+    directory = recording(receiver, "MZ-pcmu-both")
+    for track in ("inbound", "outbound"):
+        samples, rate = read_wav(directory / f"{track}.wav")
+        assert rate == 8000
+        np.testing.assert_array_equal(samples, expected[track])
+    record = record_of(directory)
+    assert record["status"] == "complete"
+    assert record["end"]["kind"] == "stop"
+    assert record["custom_parameters"] == {"room": "42"}
+    assert record["tracks"]["inbound"]["samples"] == len(expected["inbound"])
+    assert record["tracks"]["inbound"]["gaps"] == 0
+
+
+async def test_pcma_sample_exact(
+    receiver: Receiver, client_ssl: ssl.SSLContext, speech: Any, tmp_path: Path
+) -> None:
+    """A-law from sox is recorded sample-exact."""
+    encoded = sox_encode(speech["inbound"].wav[8000], "al", tmp_path / "in.al")
+    expected = sox_decode(tmp_path / "in.al", "al")
+    messages = build_messages(codec=PCMA, tracks={"inbound": encoded}, stream_sid="pcma")
+    await play(url(receiver), messages, token=TOKEN, ssl_context=client_ssl)
+    samples, rate = read_wav(recording(receiver, "pcma") / "inbound.wav")
+    assert rate == 8000
+    np.testing.assert_array_equal(samples, expected)
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 24000])
+async def test_l16_little_endian_sample_exact(
+    receiver: Receiver, client_ssl: ssl.SSLContext, speech: Any, tmp_path: Path, rate: int
+) -> None:
+    """L16 (little-endian, the default) at 8/16/24 kHz from sox is recorded sample-exact."""
+    encoded = sox_encode(speech["inbound"].wav[rate], "s16", tmp_path / "in.s16")
+    codec = codec_for(MediaFormat("audio/x-L16", rate))
+    sid = f"l16-{rate}"
+    messages = build_messages(codec=codec, tracks={"inbound": encoded}, stream_sid=sid)
+    await play(url(receiver), messages, token=TOKEN, ssl_context=client_ssl)
+    samples, file_rate = read_wav(recording(receiver, sid) / "inbound.wav")
+    assert file_rate == rate
+    np.testing.assert_array_equal(samples, speech["inbound"].samples(rate))
+
+
+async def test_l16_big_endian_setting(
+    start_receiver: StartReceiver, client_ssl: ssl.SSLContext, speech: Any, tmp_path: Path
+) -> None:
+    """With RECEIVER_L16_BYTE_ORDER=big, big-endian L16 (RTP order) is recorded sample-exact."""
+    receiver = await start_receiver(l16_byte_order="big")
+    raw = tmp_path / "in.s16be"
+    from tests.conftest import run
+
+    run("sox", speech["inbound"].wav[16000], "-t", "s16", "-e", "signed-integer", "-B", raw)
+    codec = codec_for(MediaFormat("audio/l16", 16000), l16_byte_order="big")
+    messages = build_messages(codec=codec, tracks={"inbound": raw.read_bytes()}, stream_sid="be")
+    await play(url(receiver), messages, token=TOKEN, ssl_context=client_ssl)
+    samples, _ = read_wav(recording(receiver, "be") / "inbound.wav")
+    np.testing.assert_array_equal(samples, speech["inbound"].samples(16000))
+
+
+async def test_twilio_layout_and_native_mulaw(
+    start_receiver: StartReceiver, client_ssl: ssl.SSLContext, speech: Any, tmp_path: Path
+) -> None:
+    """Twilio's layout is accepted, and sample_format=native keeps μ-law bytes as μ-law WAV."""
+    receiver = await start_receiver(sample_format="native")
+    encoded = sox_encode(speech["inbound"].wav[8000], "ul", tmp_path / "in.ul")
+    messages = build_messages(
+        codec=PCMU, tracks={"inbound": encoded}, stream_sid="MZtwilio", layout="twilio"
+    )
+    await play(url(receiver), messages, token=TOKEN, ssl_context=client_ssl)
+    import soundfile
+
+    wav = recording(receiver, "MZtwilio") / "inbound.wav"
+    assert soundfile.info(str(wav)).subtype == "ULAW"
+    samples, _ = read_wav(wav)
+    np.testing.assert_array_equal(samples, sox_decode(tmp_path / "in.ul", "ul"))
+
+
+async def test_dropped_frames_become_exact_silence_and_tracks_stay_aligned(
+    receiver: Receiver, client_ssl: ssl.SSLContext, speech: Any, tmp_path: Path
+) -> None:
+    """A dropped run of 50 inbound frames is 8000 zero samples; both tracks keep one timeline."""
+    encoded = {t: sox_encode(speech[t].wav[8000], "ul", tmp_path / f"{t}.ul") for t in speech}
+    expected = {t: sox_decode(tmp_path / f"{t}.ul", "ul") for t in speech}
+    lost = range(50, 100)  # chunks 50..99: samples 49*160 .. 99*160
+    messages = build_messages(
+        codec=PCMU, tracks=encoded, stream_sid="dropped", drop={"inbound": set(lost)}
+    )
+    await play(url(receiver), messages, token=TOKEN, ssl_context=client_ssl)
+    directory = recording(receiver, "dropped")
+    inbound, _ = read_wav(directory / "inbound.wav")
+    outbound, _ = read_wav(directory / "outbound.wav")
+    want = expected["inbound"].copy()
+    want[49 * 160 : 99 * 160] = 0
+    np.testing.assert_array_equal(inbound, want)
+    np.testing.assert_array_equal(outbound, expected["outbound"])
+    stats = record_of(directory)["tracks"]["inbound"]
+    assert stats["gaps"] == 1
+    assert stats["silence_samples"] == 50 * 160
+    assert stats["chunks_missing"] == 50
+
+
+async def test_close_without_stop_keeps_every_sample(
+    receiver: Receiver, client_ssl: ssl.SSLContext, speech: Any, tmp_path: Path
+) -> None:
+    """A hang-up without ``stop`` still leaves every received sample in a finished WAV."""
+    encoded = sox_encode(speech["inbound"].wav[8000], "ul", tmp_path / "in.ul")
+    messages = build_messages(
+        codec=PCMU, tracks={"inbound": encoded}, stream_sid="hangup", stop=False
+    )
+    await play(url(receiver), messages, token=TOKEN, ssl_context=client_ssl)
+    await wait_idle(receiver)
+    directory = recording(receiver, "hangup")
+    samples, _ = read_wav(directory / "inbound.wav")
+    np.testing.assert_array_equal(samples, sox_decode(tmp_path / "in.ul", "ul"))
+    end = record_of(directory)["end"]
+    assert end["kind"] == "client-close"
+    assert end["close_code"] == 1000
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong-token-0123456789"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": "Bearer"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+        {"Authorization": f"Bearer {TOKEN[:-1]}"},
+    ],
+    ids=["none", "wrong", "basic-scheme", "empty-bearer", "longer", "prefix"],
+)
+async def test_bad_token_is_401_and_writes_nothing(
+    receiver: Receiver, client_ssl: ssl.SSLContext, headers: dict[str, str]
+) -> None:
+    """No, malformed or wrong bearer token: HTTP 401 before the upgrade, nothing on disk."""
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(url(receiver), ssl=client_ssl, additional_headers=headers):
+            pass
+    assert info.value.response.status_code == 401
+    assert list_tree(receiver) == []
+    assert receiver.counters["rejected_auth"] == 1
+
+
+async def test_token_in_query_string_is_not_accepted(
+    receiver: Receiver, client_ssl: ssl.SSLContext
+) -> None:
+    """A token in the query string is not a credential: 401."""
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(url(receiver, f"/media?token={TOKEN}"), ssl=client_ssl):
+            pass
+    assert info.value.response.status_code == 401
+
+
+async def test_every_configured_token_is_accepted(
+    receiver: Receiver, client_ssl: ssl.SSLContext
+) -> None:
+    """Both tokens of a rotation are accepted."""
+    for token in (TOKEN, OTHER_TOKEN):
+        result = await play(url(receiver), [], token=token, ssl_context=client_ssl)
+        assert result.close_code == 1000
+
+
+async def test_plain_ws_to_tls_port_fails(receiver: Receiver, client_ssl: ssl.SSLContext) -> None:
+    """Plain ws:// to the TLS port does not connect; the server stays healthy."""
+    with pytest.raises(InvalidMessage, match="did not receive a valid HTTP response"):
+        async with connect(
+            url(receiver, scheme="ws"),
+            additional_headers={"Authorization": f"Bearer {TOKEN}"},
+            open_timeout=5,
+        ):
+            pass
+    assert list_tree(receiver) == []
+    assert await healthz(receiver, client_ssl) == 200
+
+
+async def healthz(receiver: Receiver, context: ssl.SSLContext) -> int:
+    """GET /healthz over TLS with a raw HTTP/1.1 request, no token; returns the status."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", receiver.port, ssl=context, server_hostname="localhost"
+    )
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    return int(status_line.split()[1])
+
+
+async def test_healthz_without_token(receiver: Receiver, client_ssl: ssl.SSLContext) -> None:
+    """/healthz answers 200 without a token, and 503 once the server is draining."""
+    assert await healthz(receiver, client_ssl) == 200
+    receiver.draining = True
+    assert await healthz(receiver, client_ssl) == 503
+
+
+async def test_stream_limit_answers_503(
+    start_receiver: StartReceiver, client_ssl: ssl.SSLContext
+) -> None:
+    """Past max_streams, a new stream gets HTTP 503 at the handshake."""
+    receiver = await start_receiver(max_streams=1)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with connect(url(receiver), ssl=client_ssl, additional_headers=headers):
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(url(receiver), ssl=client_ssl, additional_headers=headers):
+                pass
+    assert info.value.response.status_code == 503
+
+
+async def send_raw(receiver: Receiver, context: ssl.SSLContext, frames: list[str | bytes]) -> Any:
+    """Send frames on one connection and return the close frame the server sent."""
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with connect(url(receiver), ssl=context, additional_headers=headers) as ws:
+        for frame in frames:
+            await ws.send(frame)
+        async with asyncio.timeout(10):
+            await ws.wait_closed()
+    return ws.close_code, ws.close_reason
+
+
+def start_frame(sid: str, encoding: str = "audio/x-mulaw", rate: int = 8000) -> str:
+    return json.dumps(
+        {
+            "event": "start",
+            "sequenceNumber": "1",
+            "start": {
+                "streamSid": sid,
+                "tracks": ["inbound"],
+                "mediaFormat": {"encoding": encoding, "sampleRate": rate, "channels": 1},
+            },
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("bad", "code", "words"),
+    [
+        ("{not json", 1007, "not JSON"),
+        ('["a list"]', 1007, "JSON object"),
+        ('{"event": "media", "media": {"track": "inbound", "payload": "!!!"}}', 1007, "base64"),
+        (
+            '{"event": "media", "media": {"track": "inbound", "chunk": "x", "payload": ""}}',
+            1007,
+            "chunk",
+        ),
+        ('{"event": "media", "media": {"track": "sideways", "payload": ""}}', 1007, "track"),
+        (start_frame("again"), 1008, "start"),
+        (b"\x00\x01binary", 1003, "binary"),
+    ],
+    ids=["json", "not-object", "base64", "chunk-type", "track", "second-start", "binary"],
+)
+async def test_bad_frame_closes_with_reason_and_keeps_audio(
+    receiver: Receiver,
+    client_ssl: ssl.SSLContext,
+    speech: Any,
+    tmp_path: Path,
+    bad: str | bytes,
+    code: int,
+    words: str,
+) -> None:
+    """A bad frame mid-stream closes that stream with a fitting code; audio before it is kept."""
+    encoded = sox_encode(speech["inbound"].wav[8000], "ul", tmp_path / "in.ul")
+    messages = build_messages(
+        codec=PCMU, tracks={"inbound": encoded[:8000]}, stream_sid="bad", stop=False
+    )
+    close_code, reason = await send_raw(receiver, client_ssl, [*messages, bad])
+    assert close_code == code
+    assert words in reason
+    await wait_idle(receiver)
+    directory = recording(receiver, "bad")
+    samples, _ = read_wav(directory / "inbound.wav")
+    np.testing.assert_array_equal(samples, sox_decode(tmp_path / "in.ul", "ul")[:8000])
+    record = record_of(directory)
+    assert record["end"]["kind"] == "protocol-error"
+    assert record["end"]["close_code"] == code
+    assert receiver.counters["protocol_errors"] == 1
+
+
+async def test_media_before_start_is_1008(receiver: Receiver, client_ssl: ssl.SSLContext) -> None:
+    """Media before start closes with 1008 and creates nothing."""
+    media = '{"event": "media", "media": {"track": "inbound", "payload": "AAAA"}}'
+    code, reason = await send_raw(receiver, client_ssl, [media])
+    assert (code, "before" in reason or "awaiting" in reason) == (1008, True)
+    assert list_tree(receiver) == []
+
+
+async def test_odd_l16_payload_is_1007(receiver: Receiver, client_ssl: ssl.SSLContext) -> None:
+    """An L16 payload of an odd number of bytes closes with 1007."""
+    bad = json.dumps({"event": "media", "media": {"track": "inbound", "payload": "AAAA"}})
+    code, reason = await send_raw(
+        receiver, client_ssl, [start_frame("odd", "audio/x-L16", 16000), bad]
+    )
+    assert code == 1007
+    assert "3 bytes" in reason
+
+
+async def test_unsupported_encoding_is_1003_with_a_record(
+    receiver: Receiver, client_ssl: ssl.SSLContext
+) -> None:
+    """G.722 closes with 1003 naming it, and stream.json says why nothing was recorded."""
+    code, reason = await send_raw(receiver, client_ssl, [start_frame("g722", "audio/G722", 16000)])
+    assert code == 1003
+    assert "G722" in reason
+    await wait_idle(receiver)
+    record = record_of(recording(receiver, "g722"))
+    assert "G722" in record["unsupported_reason"]
+    assert record["files"] == {}
+    assert record["end"]["kind"] == "protocol-error"
+
+
+async def test_bad_stream_beside_good_one_leaves_good_one_intact(
+    receiver: Receiver, client_ssl: ssl.SSLContext, speech: Any, tmp_path: Path
+) -> None:
+    """A malformed stream next to a live one closes alone; the live one is recorded whole."""
+    encoded = sox_encode(speech["inbound"].wav[8000], "ul", tmp_path / "in.ul")
+    good = build_messages(codec=PCMU, tracks={"inbound": encoded}, stream_sid="good")
+    good_play = asyncio.create_task(
+        play(url(receiver), good, token=TOKEN, ssl_context=client_ssl, frame_interval_s=0.002)
+    )
+    bad = [start_frame("bad"), "{garbage"]
+    code, _ = await send_raw(receiver, client_ssl, bad)
+    assert code == 1007
+    assert not good_play.done()
+    result = await good_play
+    assert result.close_code == 1000
+    samples, _ = read_wav(recording(receiver, "good") / "inbound.wav")
+    np.testing.assert_array_equal(samples, sox_decode(tmp_path / "in.ul", "ul"))
+    assert await healthz(receiver, client_ssl) == 200
+
+
+HOSTILE_SIDS = [
+    "../../escape",
+    "/etc/passwd",
+    "..",
+    ".",
+    "a\x00b",
+    "x" * 10_000,
+    "ünïcødé/..\\..\\",
+    "CON",
+    "~root",
+    "\ud800lone-surrogate",
+]
+
+
+async def test_hostile_stream_sids_stay_inside_recordings(
+    receiver: Receiver, client_ssl: ssl.SSLContext, tmp_path: Path
+) -> None:
+    """Hostile stream sids never leave the recordings dir and are kept verbatim in stream.json."""
+    root = receiver.settings.recordings_dir
+    outside_before = sorted(p for p in tmp_path.rglob("*") if root not in p.parents)
+    payload = PCMU.encode(np.arange(-800, 800, dtype=np.int16))
+    for sid in HOSTILE_SIDS:
+        messages = build_messages(codec=PCMU, tracks={"inbound": payload}, stream_sid=sid)
+        result = await play(url(receiver), messages, token=TOKEN, ssl_context=client_ssl)
+        assert result.close_code == 1000, sid
+    outside_after = sorted(p for p in tmp_path.rglob("*") if root not in p.parents)
+    assert outside_after == outside_before
+    directories = [p for p in root.iterdir()]
+    assert len(directories) == len(HOSTILE_SIDS)
+    sids = set()
+    for directory in directories:
+        assert directory.parent == root
+        assert len(directory.name) <= 64
+        assert (directory / "inbound.wav").is_file()
+        sids.add(record_of(directory)["stream_sid"])
+    assert sids == set(HOSTILE_SIDS)
+
+
+async def test_same_stream_sid_twice_never_overwrites(
+    receiver: Receiver, client_ssl: ssl.SSLContext
+) -> None:
+    """A second stream with the same sid gets its own directory."""
+    for value in (100, 200):
+        audio = PCMU.encode(np.full(1600, value, dtype=np.int16))
+        messages = build_messages(codec=PCMU, tracks={"inbound": audio}, stream_sid="dup")
+        await play(url(receiver), messages, token=TOKEN, ssl_context=client_ssl)
+    root = receiver.settings.recordings_dir
+    first, _ = read_wav(root / "dup" / "inbound.wav")
+    second, _ = read_wav(root / "dup-2" / "inbound.wav")
+    assert first[0] != second[0]
+
+
+async def test_stream_json_holds_parameters_dtmf_marks_stats_and_end(
+    receiver: Receiver, client_ssl: ssl.SSLContext
+) -> None:
+    """stream.json keeps ids, path and query, parameters, timed DTMF, marks and statistics."""
+    audio = PCMU.encode(np.zeros(8000, dtype=np.int16))  # 1 s, 50 frames
+    messages = build_messages(
+        codec=PCMU,
+        tracks={"inbound": audio, "outbound": audio},
+        stream_sid="meta",
+        account_sid="acct-1",
+        call_sid="call-1",
+        custom_parameters={"FirstName": "Jane", "room": "42"},
+        stop=False,
+    )
+    dtmf = json.dumps(
+        {"event": "dtmf", "sequenceNumber": "500", "dtmf": {"digit": "5", "duration": 2000}}
+    )
+    mark = json.dumps({"event": "mark", "mark": {"name": "greeting-done"}})
+    unknown = json.dumps({"event": "sparkle", "sparkle": {}})
+    stop = json.dumps({"event": "stop", "sequenceNumber": "999"})
+    frames = [*messages[:52], dtmf, mark, unknown, *messages[52:], stop]
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    target = url(receiver, "/conf/room-42?tenant=acme")
+    async with connect(target, ssl=client_ssl, additional_headers=headers) as ws:
+        for frame in frames:
+            await ws.send(frame)
+        await ws.wait_closed()
+    record = record_of(recording(receiver, "meta"))
+    assert record["path"] == "/conf/room-42"
+    assert record["query"] == "tenant=acme"
+    assert (record["account_sid"], record["call_sid"]) == ("acct-1", "call-1")
+    assert record["custom_parameters"] == {"FirstName": "Jane", "room": "42"}
+    assert record["media_format"] == {
+        "encoding": "audio/x-mulaw",
+        "sample_rate_hz": 8000,
+        "channels": 1,
+    }
+    # 50 frames went before the dtmf: 25 per track, 25 * 20 ms = 500 ms.
+    assert record["dtmf"] == [{"digit": "5", "at_ms": 500.0, "duration_ms": 2000, "track": None}]
+    assert record["marks"] == [{"name": "greeting-done", "at_ms": 500.0}]
+    assert record["unknown_events"] == ["sparkle"]
+    assert record["end"] == {"kind": "stop", "close_code": None, "reason": None}
+    for track in ("inbound", "outbound"):
+        stats = record["tracks"][track]
+        assert stats["frames"] == 50
+        assert stats["samples"] == 8000
+        assert stats["duration_s"] == 1.0
+        assert stats["gaps"] == 0
+    assert record["files"] == {"inbound": "inbound.wav", "outbound": "outbound.wav"}
+
+
+async def test_shutdown_closes_with_1001_and_finishes_files(
+    receiver: Receiver, client_ssl: ssl.SSLContext, speech: Any, tmp_path: Path
+) -> None:
+    """Shutdown closes live streams with 1001 and leaves readable WAVs with every sample."""
+    encoded = sox_encode(speech["inbound"].wav[8000], "ul", tmp_path / "in.ul")
+    messages = build_messages(
+        codec=PCMU, tracks={"inbound": encoded}, stream_sid="live", stop=False
+    )
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with connect(url(receiver), ssl=client_ssl, additional_headers=headers) as ws:
+        for frame in messages:
+            await ws.send(frame)
+        async with asyncio.timeout(10):
+            while receiver.counters["frames"] < len(messages) - 2:
+                await asyncio.sleep(0.01)
+        await receiver.shutdown(drain_timeout_s=0)
+        await ws.wait_closed()
+    assert ws.close_code == 1001
+    directory = recording(receiver, "live")
+    samples, _ = read_wav(directory / "inbound.wav")
+    np.testing.assert_array_equal(samples, sox_decode(tmp_path / "in.ul", "ul"))
+    assert record_of(directory)["end"]["kind"] == "shutdown"
