@@ -511,3 +511,101 @@ async def test_shutdown_closes_with_1001_and_finishes_files(
     samples, _ = read_wav(directory / "inbound.wav")
     np.testing.assert_array_equal(samples, sox_decode(tmp_path / "in.ul", "ul"))
     assert record_of(directory)["end"]["kind"] == "shutdown"
+
+
+async def test_oversized_message_is_1009_and_keeps_audio(
+    start_receiver: StartReceiver, client_ssl: ssl.SSLContext
+) -> None:
+    """A message over max_message_bytes closes with 1009; the audio before it is kept."""
+    receiver = await start_receiver(max_message_bytes=4096)
+    audio = PCMU.encode(np.arange(-1600, 1600, 2, dtype=np.int16))
+    messages = build_messages(codec=PCMU, tracks={"inbound": audio}, stream_sid="big", stop=False)
+    huge = json.dumps({"event": "mark", "mark": {"name": "x" * 5000}})
+    code, _ = await send_raw(receiver, client_ssl, [*messages, huge])
+    assert code == 1009
+    await wait_idle(receiver)
+    directory = recording(receiver, "big")
+    samples, _ = read_wav(directory / "inbound.wav")
+    np.testing.assert_array_equal(samples, PCMU.decode(audio))
+    assert record_of(directory)["end"]["kind"] == "protocol-error"
+    assert receiver.counters["protocol_errors_frame"] == 1
+
+
+async def test_invalid_utf8_text_frame_is_1007(
+    receiver: Receiver, client_ssl: ssl.SSLContext
+) -> None:
+    """A text frame that is not UTF-8 is refused with 1007 by the WebSocket layer."""
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with connect(url(receiver), ssl=client_ssl, additional_headers=headers) as ws:
+        await ws.send(start_frame("utf8"))
+        # bytes with text=True: a text frame carrying invalid UTF-8, as a broken client would.
+        await ws.send(b"\xff\xfe{}", text=True)
+        async with asyncio.timeout(10):
+            await ws.wait_closed()
+    assert ws.close_code == 1007
+    await wait_idle(receiver)
+    assert record_of(recording(receiver, "utf8"))["end"]["close_code"] == 1007
+
+
+async def test_idle_stream_is_closed_and_recorded(
+    start_receiver: StartReceiver, client_ssl: ssl.SSLContext
+) -> None:
+    """A stream that goes quiet past idle_timeout_s is closed with 1008, its audio kept."""
+    receiver = await start_receiver(idle_timeout_s=0.3)
+    audio = PCMU.encode(np.full(800, 1000, dtype=np.int16))
+    messages = build_messages(codec=PCMU, tracks={"inbound": audio}, stream_sid="idle", stop=False)
+    code, reason = await send_raw(receiver, client_ssl, messages)
+    assert code == 1008
+    assert "no message" in reason
+    await wait_idle(receiver)
+    directory = recording(receiver, "idle")
+    assert len(read_wav(directory / "inbound.wav")[0]) == 800
+    assert record_of(directory)["end"]["kind"] == "idle-timeout"
+
+
+class BrokenSink:
+    """A sink whose writes fail, to show that one failing sink harms no other."""
+
+    def open(self, info: Any) -> None:
+        pass
+
+    def write(self, track: Any, position: int, samples: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    def event(self, record: Any) -> None:
+        pass
+
+    def close(self, summary: Any) -> None:
+        pass
+
+
+async def test_failing_sink_leaves_the_others_complete(
+    start_receiver: StartReceiver, client_ssl: ssl.SSLContext, speech: Any, tmp_path: Path
+) -> None:
+    """A sink that fails is logged, counted and named in stream.json; wav and memory finish."""
+    from receiver.sinks import MemorySink, WavSink
+
+    memory: list[MemorySink] = []
+
+    def memory_factory(settings: Any) -> MemorySink:
+        memory.append(MemorySink())
+        return memory[-1]
+
+    factories = [
+        ("broken", lambda settings: BrokenSink()),
+        ("wav", WavSink.from_settings),
+        ("memory", memory_factory),
+    ]
+    receiver = await start_receiver(sink_factories=factories)
+    encoded = sox_encode(speech["inbound"].wav[8000], "ul", tmp_path / "in.ul")
+    expected = sox_decode(tmp_path / "in.ul", "ul")
+    messages = build_messages(codec=PCMU, tracks={"inbound": encoded}, stream_sid="sinks")
+    result = await play(url(receiver), messages, token=TOKEN, ssl_context=client_ssl)
+    assert result.close_code == 1000
+    directory = recording(receiver, "sinks")
+    np.testing.assert_array_equal(read_wav(directory / "inbound.wav")[0], expected)
+    np.testing.assert_array_equal(memory[0].audio("inbound"), expected)
+    assert memory[0].summary is not None and memory[0].summary.end.kind == "stop"
+    errors = record_of(directory)["sink_errors"]
+    assert len(errors) == 1 and "broken" in errors[0] and "No space left" in errors[0]
+    assert receiver.counters["sink_errors_broken"] == 1
