@@ -64,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (RECEIVER_LOG_LEVEL)")
     serve.set_defaults(func=_serve)
 
+    rep = sub.add_parser("repair", help="finish the files of streams a crash interrupted")
+    rep.add_argument(
+        "directory",
+        type=Path,
+        nargs="?",
+        metavar="DIR",
+        help="recordings directory (default: RECEIVER_RECORDINGS_DIR)",
+    )
+    rep.set_defaults(func=_repair)
+
     health = sub.add_parser("health", help="exit 0 if the local receiver's /healthz answers 200")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
     health.set_defaults(func=_health)
@@ -113,6 +123,7 @@ def _serve(args: argparse.Namespace) -> int:
     from receiver.sinks import load_sink_factories
 
     sink_factories = load_sink_factories(settings.sinks)
+    _report_interrupted(settings.recordings_dir)
     if not settings.tokens:
         token = secrets.token_urlsafe(32)
         settings = settings.model_copy(update={"tokens": [SecretStr(token)]})
@@ -211,6 +222,37 @@ async def _run_until_signal(receiver: Any) -> int:
     await stop.wait()
     await receiver.shutdown()
     logger.info("stopped: %d streams recorded", receiver.counters["streams"])
+    return 0
+
+
+def _report_interrupted(recordings_dir: Path) -> None:
+    from receiver.recovery import find_interrupted
+
+    interrupted = find_interrupted(recordings_dir)
+    if interrupted:
+        logger.warning(
+            "%d stream(s) were interrupted by an earlier crash (e.g. %s); their WAV files are "
+            "readable as they are: run `receiver repair %s` to finish them",
+            len(interrupted),
+            interrupted[0],
+            recordings_dir,
+        )
+
+
+def _repair(args: argparse.Namespace) -> int:
+    from receiver.recovery import repair
+
+    directory = args.directory or load_settings().recordings_dir
+    if not directory.is_dir():
+        raise ConfigError("DIR", f"{directory} is not a directory")
+    repaired = repair(directory)
+    for stream in repaired:
+        files = ", ".join(
+            f"{w.path.name} {w.samples} samples{' (header fixed)' if w.changed else ''}"
+            for w in stream.wavs
+        )
+        print(f"{stream.directory}: interrupted; {files or 'no audio'}")
+    print(f"{len(repaired)} interrupted stream(s) repaired under {directory}")
     return 0
 
 

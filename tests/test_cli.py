@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import socket
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,23 +11,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def receiver_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "receiver", *args]
-
-
-def env_with(**values: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECEIVER_")}
-    env.update(values)
-    return env
+from tests.conftest import env_with, receiver_cmd, run
 
 
 @pytest.mark.parametrize(
@@ -83,59 +61,6 @@ def test_unwritable_recordings_dir_exits_2(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "RECEIVER_RECORDINGS_DIR" in result.stderr
-
-
-class Served:
-    """A `receiver serve` subprocess on a free port, with its stderr collected to a file."""
-
-    def __init__(self, cwd: Path, **env: str) -> None:
-        self.port = free_port()
-        self.log = cwd / "serve.log"
-        self.cwd = cwd
-        self.env = env_with(
-            RECEIVER_PORT=str(self.port),
-            RECEIVER_HOST="127.0.0.1",
-            RECEIVER_DRAIN_TIMEOUT_S="1",
-            **env,
-        )
-        with self.log.open("w") as log:
-            self.proc = subprocess.Popen(
-                receiver_cmd("serve"),
-                cwd=cwd,
-                env=self.env,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-            )
-
-    def wait_listening(self) -> str:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            text = self.log.read_text()
-            if "listening on" in text:
-                return text
-            assert self.proc.poll() is None, text
-            time.sleep(0.05)
-        raise AssertionError(self.log.read_text())
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
-
-
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[Any]:
-    started: list[Served] = []
-
-    def start(**env: str) -> Served:
-        s = Served(tmp_path, **env)
-        started.append(s)
-        return s
-
-    yield start
-    for s in started:
-        if s.proc.poll() is None:
-            s.proc.kill()
-            s.proc.wait()
 
 
 def test_serve_on_defaults_then_simulate_then_sigterm(served: Any, tmp_path: Path) -> None:

@@ -413,7 +413,8 @@ async def test_hostile_stream_sids_stay_inside_recordings(
         assert result.close_code == 1000, sid
     outside_after = sorted(p for p in tmp_path.rglob("*") if root not in p.parents)
     assert outside_after == outside_before
-    directories = [p for p in root.iterdir()]
+    assert not list((root / ".in-progress").iterdir())  # every stream finished
+    directories = [p for p in root.iterdir() if p.name != ".in-progress"]
     assert len(directories) == len(HOSTILE_SIDS)
     sids = set()
     for directory in directories:

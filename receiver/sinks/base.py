@@ -63,7 +63,7 @@ class StreamInfo:
             "path": self.path,
             "query": self.query,
             "remote": self.remote,
-            "tracks": list(start.tracks),
+            "announced_tracks": list(start.tracks),
             "media_format": {
                 "encoding": start.media_format.encoding,
                 "sample_rate_hz": start.media_format.sample_rate_hz,
