@@ -9,7 +9,8 @@
      │    ├── UnexpectedMessage     1008: out of order (media before start, a second start)
      │    ├── UnsupportedMedia      1003: binary frames, an encoding we cannot decode
      │    └── LimitExceeded         1008: a size, count or time limit
-     └── SinkError              a sink failed; names the sink
+     ├── SinkError              a sink failed; names the sink
+     └── RecordingFailed        every sink of a stream failed: the stream is closed with 1011
 
 A ``ProtocolError`` ends one stream, never the server: the server closes that connection with
 ``close_code`` and ``reason`` and keeps every sample received before.
@@ -110,3 +111,16 @@ def truncate_utf8(text: str, max_bytes: int) -> str:
     if len(encoded) <= max_bytes:
         return text
     return encoded[: max_bytes - 3].decode("utf-8", "ignore") + "..."
+
+
+class RecordingFailed(ReceiverError):
+    """Every sink of a stream failed, so nothing would be kept: the stream ends with 1011."""
+
+    close_code = CLOSE_INTERNAL_ERROR
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__(errors)
+        self.errors = errors
+
+    def __str__(self) -> str:
+        return "recording failed: " + "; ".join(self.errors)

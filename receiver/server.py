@@ -27,8 +27,11 @@ from receiver.exceptions import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
     CLOSE_POLICY_VIOLATION,
+    MAX_CLOSE_REASON_BYTES,
     ProtocolError,
+    RecordingFailed,
     UnsupportedMedia,
+    truncate_utf8,
 )
 from receiver.protocol import StreamProtocol
 from receiver.session import Session
@@ -180,6 +183,12 @@ class StreamHandler:
             self.log.warning("closing with %d: %s", exc.close_code, _short(exc.reason, 160))
             end = StreamEnd("protocol-error", exc.close_code, exc.close_reason)
             await self.ws.close(exc.close_code, exc.close_reason)
+        except RecordingFailed as exc:
+            self.counters.update(["recording_failures"])
+            reason = truncate_utf8(str(exc), MAX_CLOSE_REASON_BYTES)
+            self.log.error("closing with %d: %s", exc.close_code, reason)
+            end = StreamEnd("error", exc.close_code, reason)
+            await self.ws.close(exc.close_code, reason)
         except Exception:
             self.counters.update(["internal_errors"])
             self.log.exception("internal error")
@@ -217,6 +226,8 @@ class StreamHandler:
                     self.counters["frames"] += 1
                     for batch in self.session.media(event):
                         self.fanout.write(batch.track, batch.position, batch.samples)
+                    if not self.fanout.alive:
+                        raise RecordingFailed(self.fanout.errors)
                 case Start():
                     self._start(event)
                 case Dtmf():

@@ -209,7 +209,9 @@ def env_with(**values: str) -> dict[str, str]:
 class Served:
     """A `receiver serve` subprocess on a free port, with its stderr collected to a file."""
 
-    def __init__(self, cwd: Path, **env: str) -> None:
+    def __init__(
+        self, cwd: Path, *, preexec_fn: Callable[[], None] | None = None, **env: str
+    ) -> None:
         self.port = free_port()
         self.log = cwd / "serve.log"
         self.cwd = cwd
@@ -226,6 +228,7 @@ class Served:
                 env=self.env,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
+                preexec_fn=preexec_fn,
             )
 
     def wait_listening(self) -> str:
@@ -245,9 +248,10 @@ class Served:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Any]:
+    """Start `receiver serve` subprocesses in tmp_path; any still running is killed after."""
     started: list[Served] = []
 
-    def start(**env: str) -> Served:
+    def start(**env: Any) -> Served:
         s = Served(tmp_path, **env)
         started.append(s)
         return s

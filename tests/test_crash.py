@@ -62,7 +62,7 @@ async def send_paced(
 
 
 async def test_kill_9_leaves_readable_wavs_and_repair_finishes_them(
-    tmp_path: Path, tls_files: TlsFiles, client_ssl: ssl.SSLContext, speech: Any
+    tmp_path: Path, served: Any, tls_files: TlsFiles, client_ssl: ssl.SSLContext, speech: Any
 ) -> None:
     """After kill -9, >= 99% of a 30 s burst and all paced audio up to 1 s before the kill
     read back sample-exact with `wave`, without repair; repair then marks them interrupted."""
@@ -71,9 +71,7 @@ async def test_kill_9_leaves_readable_wavs_and_repair_finishes_them(
         "RECEIVER_TLS_CERT": str(tls_files.cert),
         "RECEIVER_TLS_KEY": str(tls_files.key),
     }
-    from tests.conftest import Served
-
-    server = Served(tmp_path, **port_env)
+    server = served(**port_env)
     server.wait_listening()
     url = f"wss://localhost:{server.port}/"
 
@@ -124,7 +122,7 @@ async def test_kill_9_leaves_readable_wavs_and_repair_finishes_them(
         assert int(sox_samples) == len(got)
 
     # A new server reports the interrupted streams at start-up.
-    restarted = Served(tmp_path, **port_env)
+    restarted = served(**port_env)
     log = restarted.wait_listening()
     assert "2 stream(s) were interrupted" in log
     assert restarted.stop() == 0

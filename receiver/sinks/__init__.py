@@ -72,6 +72,11 @@ class Fanout:
         self._on_error = on_error
         self.errors: list[str] = []
 
+    @property
+    def alive(self) -> bool:
+        """Whether any sink still takes audio; when none does, the stream records nothing."""
+        return bool(self._live)
+
     def open(self, info: StreamInfo) -> None:
         """Open every sink."""
         for name, sink in list(self._live):

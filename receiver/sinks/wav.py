@@ -119,8 +119,11 @@ class WavSink:
         written = self._frames[track]
         if position != written:
             raise ValueError(f"{track}: batch at {position}, file holds {written} samples")
-        file.write(samples)
-        update_header(file)
+        try:
+            file.write(samples)
+            update_header(file)
+        except soundfile.LibsndfileError as exc:  # say which file; libsndfile's text is terse
+            raise OSError(f"writing {track}.wav failed: {exc.error_string}") from exc
         self._frames[track] = written + len(samples)
 
     def event(self, record: DtmfRecord | MarkRecord) -> None:
