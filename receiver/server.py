@@ -41,6 +41,8 @@ from receiver.sinks.base import StreamEnd
 
 logger = logging.getLogger("receiver.server")
 
+# Endings where the server sends the close (after finishing the files).
+_WE_CLOSE = frozenset({"protocol-error", "error", "idle-timeout", "max-duration"})
 # Close codes websockets sends when it refuses a frame: bad framing, invalid UTF-8, too big.
 _FRAME_ERRORS = frozenset({1002, 1007, 1009})
 
@@ -174,7 +176,11 @@ class StreamHandler:
         self.log = StreamLogger(logger, {"stream_sid": "-"})
 
     async def run(self) -> None:
-        """Read until stop, close or error; then flush and close the sinks."""
+        """Read until stop, close or error; finish the sinks; then close if we are ending it.
+
+        Files are finished before the close frame goes out, so a client that sees the close
+        (the simulator, a test, an operator) finds every file complete.
+        """
         end = StreamEnd("error", CLOSE_INTERNAL_ERROR, "internal error")
         try:
             end = await self._read()
@@ -182,19 +188,18 @@ class StreamHandler:
             self.counters.update(["protocol_errors", f"protocol_errors_{exc.kind}"])
             self.log.warning("closing with %d: %s", exc.close_code, _short(exc.reason, 160))
             end = StreamEnd("protocol-error", exc.close_code, exc.close_reason)
-            await self.ws.close(exc.close_code, exc.close_reason)
         except RecordingFailed as exc:
             self.counters.update(["recording_failures"])
             reason = truncate_utf8(str(exc), MAX_CLOSE_REASON_BYTES)
             self.log.error("closing with %d: %s", exc.close_code, reason)
             end = StreamEnd("error", exc.close_code, reason)
-            await self.ws.close(exc.close_code, reason)
         except Exception:
             self.counters.update(["internal_errors"])
             self.log.exception("internal error")
-            await self.ws.close(CLOSE_INTERNAL_ERROR, "internal error")
         finally:
             self._finish(end)
+        if end.kind in _WE_CLOSE and end.close_code is not None:
+            await self.ws.close(end.close_code, end.reason or "")
 
     async def _read(self) -> StreamEnd:
         s = self.settings
@@ -214,7 +219,6 @@ class StreamHandler:
                     kind = "idle-timeout"
                 self.counters.update([kind.replace("-", "_")])
                 self.log.warning("closing: %s", reason)
-                await self.ws.close(CLOSE_POLICY_VIOLATION, reason)
                 return StreamEnd(kind, CLOSE_POLICY_VIOLATION, reason)
             except ConnectionClosed as exc:
                 return self._closed(exc)
