@@ -58,13 +58,15 @@ def make_gate(
     check_token: TokenChecker,
     is_draining: Callable[[], bool],
     at_capacity: Callable[[], bool],
+    ip_at_capacity: Callable[[str], bool],
     on_reject: Callable[[str], None],
 ) -> Callable[[ServerConnection, Request], Response | None]:
     """Build the ``process_request`` hook.
 
     ``GET /healthz`` answers 200 (503 while draining) without a token; every other request
-    needs a valid bearer token (401), the server must not be draining or full (503). ``on_reject``
-    is told the reason (``auth``, ``draining``, ``capacity``) for the counters.
+    needs a valid bearer token (401), the server must not be draining or full (503), and the
+    client's address must be under its connection limit (429). ``on_reject`` is told the reason
+    (``auth``, ``draining``, ``capacity``, ``ip_limit``) for the counters.
     """
 
     def gate(connection: ServerConnection, request: Request) -> Response | None:
@@ -75,7 +77,7 @@ def make_gate(
         token = bearer_token(request.headers.get("Authorization"))
         if token is None or not check_token(token):
             problem = "no bearer token" if token is None else "wrong bearer token"
-            logger.warning("rejected handshake from %s: %s", _peer(connection), problem)
+            logger.warning("rejected handshake from %s: %s", peer_ip(connection), problem)
             on_reject("auth")
             response = connection.respond(HTTPStatus.UNAUTHORIZED, "bearer token required\n")
             response.headers["WWW-Authenticate"] = 'Bearer realm="receiver"'
@@ -84,14 +86,19 @@ def make_gate(
             on_reject("draining")
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
         if at_capacity():
-            logger.warning("rejected handshake from %s: stream limit reached", _peer(connection))
+            logger.warning("rejected handshake from %s: stream limit reached", peer_ip(connection))
             on_reject("capacity")
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many streams\n")
+        if ip_at_capacity(peer_ip(connection)):
+            logger.warning("rejected handshake from %s: per-address limit", peer_ip(connection))
+            on_reject("ip_limit")
+            return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many streams from you\n")
         return None
 
     return gate
 
 
-def _peer(connection: ServerConnection) -> str:
+def peer_ip(connection: ServerConnection) -> str:
+    """The client's IP address as text (the TCP peer: behind a proxy, the proxy's)."""
     address = connection.remote_address
-    return str(address[0]) if address else "unknown peer"
+    return str(address[0]) if address else "unknown"

@@ -61,9 +61,10 @@ class StreamProtocol:
     for any input (the fuzz tests hold it to that).
     """
 
-    def __init__(self, *, max_custom_parameters: int = 99) -> None:
+    def __init__(self, *, max_custom_parameters: int = 99, max_parameter_chars: int = 4096) -> None:
         self.state = State.AWAITING_START
         self.max_custom_parameters = max_custom_parameters
+        self.max_parameter_chars = max_parameter_chars
         self._single_track: Track | None = None
 
     def receive(self, message: str | bytes) -> Event:
@@ -78,11 +79,7 @@ class StreamProtocol:
                 self.state = State.STREAMING
                 if len(event.tracks) == 1 and event.tracks[0] in _TRACK_NAMES:
                     self._single_track = _TRACK_NAMES[event.tracks[0]]
-                if len(event.custom_parameters) > self.max_custom_parameters:
-                    raise LimitExceeded(
-                        f"{len(event.custom_parameters)} custom parameters "
-                        f"(limit {self.max_custom_parameters})"
-                    )
+                self._check_parameters(event.custom_parameters)
             case Media() | Dtmf() | Mark():
                 if self.state is not State.STREAMING:
                     name = type(event).__name__.lower()
@@ -94,6 +91,16 @@ class StreamProtocol:
             case Connected() | UnknownEvent():
                 pass
         return event
+
+    def _check_parameters(self, params: Mapping[str, Any]) -> None:
+        if len(params) > self.max_custom_parameters:
+            raise LimitExceeded(
+                f"{len(params)} custom parameters (limit {self.max_custom_parameters})"
+            )
+        for name, value in params.items():
+            size = max(len(name), len(value) if isinstance(value, str) else len(repr(value)))
+            if size > self.max_parameter_chars:
+                raise LimitExceeded(f"custom parameter over {self.max_parameter_chars} characters")
 
 
 def decode_json(text: str) -> dict[str, Any]:

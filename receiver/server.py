@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from receiver.auth import TokenChecker, make_gate
+from receiver.auth import TokenChecker, make_gate, peer_ip
 from receiver.codecs import codec_for
 from receiver.events import Connected, Dtmf, Mark, Media, Start, Stop, UnknownEvent
 from receiver.exceptions import (
@@ -84,6 +84,7 @@ class Receiver:
         )
         self.counters: Counter[str] = Counter()
         self.active_streams = 0
+        self.per_ip: Counter[str] = Counter()
         self.draining = False
         self._check_token = TokenChecker(settings.token_values)
         self._server: Server | None = None
@@ -110,6 +111,7 @@ class Receiver:
             check_token=self._check_token,
             is_draining=lambda: self.draining,
             at_capacity=lambda: self.active_streams >= s.max_streams,
+            ip_at_capacity=lambda ip: self.per_ip[ip] >= s.max_connections_per_ip,
             on_reject=lambda why: self.counters.update([f"rejected_{why}"]),
         )
         self._server = await serve(
@@ -152,10 +154,15 @@ class Receiver:
         assert task is not None
         self._handlers.add(task)
         self.active_streams += 1
+        ip = peer_ip(ws)
+        self.per_ip[ip] += 1
         try:
             await StreamHandler(self, ws).run()
         finally:
             self.active_streams -= 1
+            self.per_ip[ip] -= 1
+            if not self.per_ip[ip]:
+                del self.per_ip[ip]
             self._handlers.discard(task)
 
 
@@ -167,7 +174,10 @@ class StreamHandler:
         self.settings = receiver.settings
         self.counters = receiver.counters
         self.ws = ws
-        self.protocol = StreamProtocol()
+        self.protocol = StreamProtocol(
+            max_custom_parameters=self.settings.max_custom_parameters,
+            max_parameter_chars=self.settings.max_parameter_chars,
+        )
         self.session: Session | None = None
         self.fanout: Fanout | None = None
         self.info: StreamInfo | None = None
@@ -272,7 +282,6 @@ class StreamHandler:
         self.log = StreamLogger(logger, {"stream_sid": _short(start.stream_sid)})
         request = self.ws.request
         target = urlsplit(request.path if request is not None else "/")
-        remote = self.ws.remote_address
         codec, unsupported = None, None
         try:
             codec = codec_for(start.media_format, l16_byte_order=self.settings.l16_byte_order)
@@ -282,7 +291,7 @@ class StreamHandler:
             start=start,
             path=target.path,
             query=target.query,
-            remote=str(remote[0]) if remote else None,
+            remote=peer_ip(self.ws),
             started_at=datetime.now(UTC),
             codec=codec,
             unsupported_reason=unsupported.reason if unsupported else None,
@@ -309,6 +318,7 @@ class StreamHandler:
             codec=codec,
             batch_ms=self.settings.batch_ms,
             max_duration_s=self.settings.max_stream_duration_s,
+            max_gap_s=self.settings.max_gap_s,
         )
 
     def _finish(self, end: StreamEnd) -> None:

@@ -66,6 +66,8 @@ class TrackStats:
     duplicate_frames: int = 0
     overlap_samples_dropped: int = 0
     chunks_missing: int = 0
+    clock_jumps: int = 0
+    clock_jump_skipped_ms: float = 0.0
     first_chunk: int | None = None
     last_chunk: int | None = None
     first_timestamp_ms: int | None = None
@@ -83,6 +85,7 @@ class TrackStats:
 class _TrackClock:
     stats: TrackStats = field(default_factory=TrackStats)
     cursor: int = 0  # next free sample position of the track
+    offset: int = 0  # subtracted from timestamp positions after a clock jump
     pending: list[bytes] = field(default_factory=list)
     pending_start: int = 0
     pending_samples: int = 0
@@ -98,13 +101,20 @@ class Session:
     """
 
     def __init__(
-        self, start: Start, *, codec: Codec, batch_ms: int = 200, max_duration_s: float = 21600.0
+        self,
+        start: Start,
+        *,
+        codec: Codec,
+        batch_ms: int = 200,
+        max_duration_s: float = 21600.0,
+        max_gap_s: float = 60.0,
     ) -> None:
         self.start = start
         self.codec = codec
         self.rate = codec.sample_rate_hz
         self.batch_samples = max(1, self.rate * batch_ms // 1000)
         self.max_samples = int(max_duration_s * self.rate)
+        self.max_gap_samples = int(max_gap_s * self.rate)
         self._bytes_per_sample = codec.bytes_per_sample
         self._tracks: dict[Track, _TrackClock] = {}
         # One second of shared, read-only silence; long gaps are handed out in views of it.
@@ -134,7 +144,17 @@ class Session:
             stats.chunks_missing += chunk - stats.last_chunk - 1
 
         if timestamp is not None:
-            target = timestamp * self.rate // 1000
+            target = timestamp * self.rate // 1000 - clock.offset
+            jump = target - clock.cursor
+            if abs(jump) > self.max_gap_samples:
+                # A clock jump past max_gap_s (a corrupt timestamp, a clock reset): fill at most
+                # max_gap_s and shift the track's clock, rather than write hours of silence
+                # or drop every later frame as "already placed".
+                kept = self.max_gap_samples if jump > 0 else 0
+                clock.offset += jump - kept
+                target = clock.cursor + kept
+                stats.clock_jumps += 1
+                stats.clock_jump_skipped_ms += round((jump - kept) * 1000 / self.rate, 3)
         elif chunk is not None and stats.last_chunk is not None:
             target = clock.cursor + (chunk - stats.last_chunk - 1) * n
         else:

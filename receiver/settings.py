@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     # Limits. A 20 ms frame of 24 kHz L16 is about 1.4 KB of JSON; 64 KiB holds over 1 s of it.
     max_message_bytes: int = Field(default=65_536, ge=4_096, le=16 * 1024 * 1024)
     max_streams: int = Field(default=500, ge=1, le=100_000)
+    # Streams at once from one address. SignalWire may send many streams from few addresses:
+    # raise it for large deployments.
+    max_connections_per_ip: int = Field(default=250, ge=1, le=100_000)
+    max_custom_parameters: int = Field(default=99, ge=0, le=10_000)
+    max_parameter_chars: int = Field(default=4096, ge=16, le=1_000_000)
+    # The most silence one timestamp jump may insert; a larger jump shifts the track's clock.
+    max_gap_s: float = Field(default=60.0, gt=0, le=86_400)
     handshake_timeout_s: float = Field(default=10.0, gt=0, le=600)
     idle_timeout_s: float = Field(default=60.0, gt=0, le=86_400)
     max_stream_duration_s: float = Field(default=6 * 3600.0, gt=0, le=7 * 86_400)

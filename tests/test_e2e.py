@@ -610,3 +610,43 @@ async def test_failing_sink_leaves_the_others_complete(
     errors = record_of(directory)["sink_errors"]
     assert len(errors) == 1 and "broken" in errors[0] and "No space left" in errors[0]
     assert receiver.counters["sink_errors_broken"] == 1
+
+
+async def test_connections_per_address_limit_answers_429(
+    start_receiver: StartReceiver, client_ssl: ssl.SSLContext
+) -> None:
+    """Past max_connections_per_ip from one address, the handshake gets HTTP 429."""
+    receiver = await start_receiver(max_connections_per_ip=2)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with (
+        connect(url(receiver), ssl=client_ssl, additional_headers=headers),
+        connect(url(receiver), ssl=client_ssl, additional_headers=headers),
+    ):
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(url(receiver), ssl=client_ssl, additional_headers=headers):
+                pass
+    assert info.value.response.status_code == 429
+    assert receiver.counters["rejected_ip_limit"] == 1
+    await wait_idle(receiver)
+    assert not receiver.per_ip
+
+
+async def test_tokens_never_reach_the_logs(
+    receiver: Receiver, client_ssl: ssl.SSLContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Neither an accepted nor a rejected token appears in any log line or close reason."""
+    caplog.set_level("DEBUG")
+    wrong = "wrong-but-secret-0123456789"
+    with pytest.raises(InvalidStatus):
+        async with connect(
+            url(receiver), ssl=client_ssl, additional_headers={"Authorization": f"Bearer {wrong}"}
+        ):
+            pass
+    audio = PCMU.encode(np.zeros(800, dtype=np.int16))
+    messages = build_messages(codec=PCMU, tracks={"inbound": audio}, stream_sid="quiet")
+    await play(url(receiver), [*messages[:-1], "{bad"], token=TOKEN, ssl_context=client_ssl)
+    await wait_idle(receiver)
+    assert "rejected handshake" in caplog.text
+    for secret in (TOKEN, OTHER_TOKEN, wrong):
+        assert secret not in caplog.text
+    assert TOKEN not in (recording(receiver, "quiet") / "stream.json").read_text()

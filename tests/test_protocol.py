@@ -221,3 +221,12 @@ def test_close_reason_is_cut_on_a_character_boundary() -> None:
     error = MalformedMessage("é" * 200)
     assert len(error.close_reason.encode("utf-8")) <= 123
     assert error.close_reason.endswith("...")
+
+
+def test_oversized_custom_parameter_is_a_limit() -> None:
+    """A custom parameter value over max_parameter_chars is refused (1008)."""
+    start = json.loads(json.dumps(SIGNALWIRE_START))
+    start["start"]["customParameters"] = {"blob": "x" * 5000}
+    with pytest.raises(LimitExceeded, match="4096"):
+        StreamProtocol().receive(json.dumps(start))
+    assert isinstance(StreamProtocol(max_parameter_chars=5000).receive(json.dumps(start)), Start)

@@ -193,3 +193,30 @@ def test_pcmu_session_decodes_batches() -> None:
     payload = PCMU.encode(samples)
     out = play(s, [Media(track="inbound", payload=payload, chunk=1, timestamp_ms=0)])
     np.testing.assert_array_equal(out.audio("inbound"), PCMU.decode(payload))
+
+
+def test_far_future_timestamp_fills_at_most_max_gap_and_keeps_recording() -> None:
+    """A timestamp 3 h ahead inserts only max_gap_s of silence; frames after it still land."""
+    s = session(max_gap_s=2)
+    frames = [
+        frame("inbound", 1, 0, ramp(0)),
+        frame("inbound", 2, 3 * 3600 * 1000, ramp(160)),  # a corrupt timestamp
+        frame("inbound", 3, 40, ramp(320)),  # the clock as it was
+        frame("inbound", 4, 60, ramp(480)),
+    ]
+    audio = play(s, frames).audio("inbound")
+    assert len(audio) == 160 + 2 * 8000 + 3 * 160
+    np.testing.assert_array_equal(audio[:160], ramp(0))
+    assert not audio[160 : 160 + 16000].any()
+    np.testing.assert_array_equal(audio[16160:], np.arange(160, 640, dtype=np.int16))
+    stats = s.track_stats["inbound"]
+    assert stats.clock_jumps == 2
+    assert stats.silence_samples == 16000
+
+
+def test_first_frame_far_in_the_future_is_capped_too() -> None:
+    """A first frame stamped an hour in starts after at most max_gap_s of silence."""
+    s = session(max_gap_s=1)
+    audio = play(s, [frame("inbound", 1, 3600 * 1000, ramp(0))]).audio("inbound")
+    assert len(audio) == 8000 + 160
+    assert s.track_stats["inbound"].clock_jumps == 1
