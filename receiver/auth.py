@@ -20,6 +20,27 @@ HEALTH_PATH = "/healthz"
 logger = logging.getLogger("receiver.auth")
 
 
+_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+class RedactCredentials(logging.Filter):
+    """Blanks credential headers in websockets' DEBUG lines (``"< %s: %s", name, value``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 2 and str(args[0]).lower() in _SECRET_HEADERS:
+            record.args = (args[0], "[redacted]")
+        return True
+
+
+def redact_websockets_logs() -> None:
+    """Install ``RedactCredentials`` on websockets' loggers, once: at DEBUG they log headers."""
+    for name in ("websockets.server", "websockets.client"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, RedactCredentials) for f in target.filters):
+            target.addFilter(RedactCredentials())
+
+
 def bearer_token(header: str | None) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header, or None if there is none."""
     if header is None:

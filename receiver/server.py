@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from receiver.auth import TokenChecker, make_gate, peer_ip
+from receiver.auth import TokenChecker, make_gate, peer_ip, redact_websockets_logs
 from receiver.codecs import codec_for
 from receiver.events import Connected, Dtmf, Mark, Media, Start, Stop, UnknownEvent
 from receiver.exceptions import (
@@ -87,6 +87,7 @@ class Receiver:
         self.per_ip: Counter[str] = Counter()
         self.draining = False
         self._check_token = TokenChecker(settings.token_values)
+        redact_websockets_logs()
         self._server: Server | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
         self._cut_drain = asyncio.Event()

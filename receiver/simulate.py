@@ -18,6 +18,7 @@ from typing import Any, Literal
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from receiver.auth import redact_websockets_logs
 from receiver.codecs import Codec
 from receiver.events import Track
 
@@ -152,6 +153,7 @@ async def play(
     client waits for the server to close, which it does once every file is finished; without
     one it closes the connection itself, like a hang-up.
     """
+    redact_websockets_logs()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     sent = 0
     saw_stop = False
