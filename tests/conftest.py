@@ -178,9 +178,13 @@ def sox_decode(raw: Path, kind: str, rate: int = 8000) -> NDArray[np.int16]:
 
 
 def sox_encode(wav: Path, kind: str, out: Path) -> bytes:
-    """Encode a WAV to raw ``ul``/``al``/``s16`` with sox: the outside encoder."""
+    """Encode a WAV to raw ``ul``/``al``/``s16`` with sox: the outside encoder.
+
+    ``-D``: sox dithers by default when it lowers precision (16 bits to G.711's 13-14), which
+    would make its output random rather than G.711's one answer per sample.
+    """
     extra = ["-e", "signed-integer", "-L"] if kind == "s16" else []
-    run("sox", wav, "-t", kind, *extra, out)
+    run("sox", "-D", wav, "-t", kind, *extra, out)
     return out.read_bytes()
 
 
