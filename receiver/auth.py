@@ -17,6 +17,8 @@ from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
 HEALTH_PATH = "/healthz"
+METRICS_PATH = "/metrics"
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 logger = logging.getLogger("receiver.auth")
 
 
@@ -81,20 +83,28 @@ def make_gate(
     at_capacity: Callable[[], bool],
     ip_at_capacity: Callable[[str], bool],
     on_reject: Callable[[str], None],
+    metrics: Callable[[], str] | None = None,
 ) -> Callable[[ServerConnection, Request], Response | None]:
     """Build the ``process_request`` hook.
 
-    ``GET /healthz`` answers 200 (503 while draining) without a token; every other request
+    ``GET /healthz`` answers 200 (503 while draining) without a token, and so does
+    ``GET /metrics`` when ``metrics`` renders them on this port; every other request
     needs a valid bearer token (401), the server must not be draining or full (503), and the
     client's address must be under its connection limit (429). ``on_reject`` is told the reason
     (``auth``, ``draining``, ``capacity``, ``ip_limit``) for the counters.
     """
 
     def gate(connection: ServerConnection, request: Request) -> Response | None:
-        if urlsplit(request.path).path == HEALTH_PATH:
+        path = urlsplit(request.path).path
+        if path == HEALTH_PATH:
             if is_draining():
                 return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
             return connection.respond(HTTPStatus.OK, "ok\n")
+        if path == METRICS_PATH and metrics is not None:
+            response = connection.respond(HTTPStatus.OK, metrics())
+            del response.headers["Content-Type"]
+            response.headers["Content-Type"] = METRICS_CONTENT_TYPE
+            return response
         token = bearer_token(request.headers.get("Authorization"))
         if token is None or not check_token(token):
             problem = "no bearer token" if token is None else "wrong bearer token"

@@ -12,11 +12,12 @@ import contextlib
 import logging
 import ssl
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, assert_never
 from urllib.parse import urlsplit
 
+from prometheus_client import start_wsgi_server
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
@@ -33,6 +34,7 @@ from receiver.exceptions import (
     UnsupportedMedia,
     truncate_utf8,
 )
+from receiver.metrics import LiveTracks, ReceiverMetrics
 from receiver.protocol import StreamProtocol
 from receiver.session import Session
 from receiver.settings import Settings
@@ -89,7 +91,14 @@ class Receiver:
         self._check_token = TokenChecker(settings.token_values)
         redact_websockets_logs()
         self._server: Server | None = None
+        self._metrics_server: Any = None
         self._handlers: set[asyncio.Task[Any]] = set()
+        self._streams: set[StreamHandler] = set()
+        self.metrics = ReceiverMetrics(
+            counters=self.counters,
+            active_streams=lambda: self.active_streams,
+            live_streams=self._live_tracks,
+        )
         self._cut_drain = asyncio.Event()
 
     async def __aenter__(self) -> Receiver:
@@ -114,7 +123,12 @@ class Receiver:
             at_capacity=lambda: self.active_streams >= s.max_streams,
             ip_at_capacity=lambda ip: self.per_ip[ip] >= s.max_connections_per_ip,
             on_reject=lambda why: self.counters.update([f"rejected_{why}"]),
+            metrics=self.metrics.render if s.metrics_port is None else None,
         )
+        if s.metrics_port is not None:
+            self._metrics_server, _ = start_wsgi_server(
+                s.metrics_port, addr=s.metrics_host, registry=self.metrics.registry
+            )
         self._server = await serve(
             self._handle,
             s.host,
@@ -145,6 +159,20 @@ class Receiver:
         self._server.close(close_connections=True)
         await self._server.wait_closed()
         self._server = None
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound port of the separate metrics server, if there is one."""
+        return int(self._metrics_server.server_port) if self._metrics_server else None
+
+    def _live_tracks(self) -> Iterator[LiveTracks]:
+        for stream in list(self._streams):
+            if stream.session is not None:
+                yield LiveTracks(stream.session.codec.name, stream.session.track_stats)
 
     def close_now(self) -> None:
         """Cut a running drain short: close the remaining streams with 1001 now."""
@@ -157,9 +185,12 @@ class Receiver:
         self.active_streams += 1
         ip = peer_ip(ws)
         self.per_ip[ip] += 1
+        stream = StreamHandler(self, ws)
+        self._streams.add(stream)
         try:
-            await StreamHandler(self, ws).run()
+            await stream.run()
         finally:
+            self._streams.discard(stream)
             self.active_streams -= 1
             self.per_ip[ip] -= 1
             if not self.per_ip[ip]:
@@ -298,10 +329,12 @@ class StreamHandler:
             unsupported_reason=unsupported.reason if unsupported else None,
         )
         sinks = [(name, factory(self.settings)) for name, factory in self.receiver.sink_factories]
+        write_seconds = self.receiver.metrics.sink_write_seconds
         self.fanout = Fanout(
             sinks,
             logger=self.log,
             on_error=lambda name: self.counters.update(["sink_errors", f"sink_errors_{name}"]),
+            on_write_seconds=lambda name: write_seconds.labels(name).observe,
         )
         self.counters["streams"] += 1
         self.log.info(
@@ -326,6 +359,7 @@ class StreamHandler:
         """Flush what is pending and close every sink, whatever happened before."""
         if self.fanout is None or self.info is None:
             return
+        self.counters[f"ended_{end.kind}"] += 1
         session, fanout = self.session, self.fanout
         if session is not None:
             for batch in session.flush():
@@ -347,6 +381,10 @@ class StreamHandler:
 
         fanout.close(summary)
         stats = session.track_stats if session else {}
+        duration_s = (datetime.now(UTC) - self.info.started_at).total_seconds()
+        self.receiver.metrics.stream_finished(
+            session.codec.name if session else "none", stats, duration_s
+        )
         self.log.info(
             "stream ended (%s): %s",
             end.kind,

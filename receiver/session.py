@@ -58,6 +58,7 @@ class TrackStats:
     """What happened to one track; ``samples`` is the track's length including silence."""
 
     frames: int = 0
+    bytes: int = 0
     samples: int = 0
     audio_samples: int = 0
     leading_silence_samples: int = 0
@@ -163,6 +164,7 @@ class Session:
             raise LimitExceeded("media placed beyond the max stream duration")
 
         stats.frames += 1
+        stats.bytes += len(payload)
         if chunk is not None:
             stats.last_chunk = chunk
             if stats.first_chunk is None:

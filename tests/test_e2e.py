@@ -233,16 +233,26 @@ async def test_plain_ws_to_tls_port_fails(receiver: Receiver, client_ssl: ssl.SS
     assert await healthz(receiver, client_ssl) == 200
 
 
-async def healthz(receiver: Receiver, context: ssl.SSLContext) -> int:
-    """GET /healthz over TLS with a raw HTTP/1.1 request, no token; returns the status."""
+async def http_get(
+    port: int, path: str, context: ssl.SSLContext | None
+) -> tuple[int, dict[str, str], str]:
+    """A raw HTTP/1.1 GET on loopback (TLS when ``context``), no token: status, headers, body."""
     reader, writer = await asyncio.open_connection(
-        "127.0.0.1", receiver.port, ssl=context, server_hostname="localhost"
+        "127.0.0.1", port, ssl=context, server_hostname="localhost" if context else None
     )
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
     await writer.drain()
-    status_line = await reader.readline()
+    data = await reader.read()
     writer.close()
-    return int(status_line.split()[1])
+    head, _, body = data.decode().partition("\r\n\r\n")
+    status_line, *header_lines = head.split("\r\n")
+    headers = dict(line.split(": ", 1) for line in header_lines)
+    return int(status_line.split()[1]), headers, body
+
+
+async def healthz(receiver: Receiver, context: ssl.SSLContext) -> int:
+    """GET /healthz over TLS without a token; returns the status."""
+    return (await http_get(receiver.port, "/healthz", context))[0]
 
 
 async def test_healthz_without_token(receiver: Receiver, client_ssl: ssl.SSLContext) -> None:
@@ -650,3 +660,69 @@ async def test_tokens_never_reach_the_logs(
     for secret in (TOKEN, OTHER_TOKEN, wrong):
         assert secret not in caplog.text
     assert TOKEN not in (recording(receiver, "quiet") / "stream.json").read_text()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample's value from a Prometheus text exposition (0 when absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{wanted}}} " if labels else f"{name} "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_metrics_move_during_a_stream(
+    receiver: Receiver, client_ssl: ssl.SSLContext, speech: Any, tmp_path: Path
+) -> None:
+    """/metrics (no token) shows a live stream's frames growing, then its end, and auth failures."""
+    with pytest.raises(InvalidStatus):
+        async with connect(url(receiver), ssl=client_ssl):
+            pass
+    encoded = sox_encode(speech["inbound"].wav[8000], "ul", tmp_path / "in.ul")
+    messages = build_messages(
+        codec=PCMU, tracks={"inbound": encoded, "outbound": encoded}, stream_sid="metered"
+    )
+    live = asyncio.create_task(
+        play(
+            url(receiver),
+            messages,
+            token=TOKEN,
+            ssl_context=client_ssl,
+            frame_interval_s=0.005,
+            frames_per_interval=2,
+        )
+    )
+    seen = []
+    for _ in range(3):
+        await asyncio.sleep(0.3)
+        status, headers, body = await http_get(receiver.port, "/metrics", client_ssl)
+        assert status == 200
+        assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        seen.append(metric(body, "receiver_frames_total", codec="pcmu", track="inbound"))
+        assert metric(body, "receiver_streams_active") == 1
+    assert seen[0] < seen[1] < seen[2]
+    await live
+    _, _, body = await http_get(receiver.port, "/metrics", client_ssl)
+    frames = len(encoded) // 160 + bool(len(encoded) % 160)
+    assert metric(body, "receiver_frames_total", codec="pcmu", track="inbound") == frames
+    assert metric(body, "receiver_frames_total", codec="pcmu", track="outbound") == frames
+    assert metric(body, "receiver_audio_bytes_total", codec="pcmu", track="inbound") == len(encoded)
+    assert metric(body, "receiver_streams_ended_total", end="stop") == 1
+    assert metric(body, "receiver_handshake_rejections_total", reason="auth") == 1
+    assert metric(body, "receiver_streams_active") == 0
+    assert metric(body, "receiver_sink_write_seconds_count", sink="wav") > 0
+    assert metric(body, "receiver_stream_duration_seconds_count") == 1
+
+
+async def test_metrics_on_a_port_of_their_own(
+    start_receiver: StartReceiver, client_ssl: ssl.SSLContext
+) -> None:
+    """With metrics_port set, /metrics moves there (plain HTTP) and leaves the stream port."""
+    receiver = await start_receiver(metrics_port=0)
+    assert receiver.metrics_port
+    status, _, body = await http_get(receiver.metrics_port, "/metrics", None)
+    assert status == 200 and "receiver_streams_active 0.0" in body
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(url(receiver, "/metrics"), ssl=client_ssl):
+            pass
+    assert info.value.response.status_code == 401

@@ -7,6 +7,7 @@ whose objects are ``SinkFactory`` callables (``Settings -> Sink``).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from typing import Any
@@ -65,8 +66,13 @@ class Fanout:
         *,
         logger: logging.Logger | logging.LoggerAdapter[Any],
         on_error: Callable[[str], None] = lambda name: None,
+        on_write_seconds: Callable[[str], Callable[[float], None]] | None = None,
     ) -> None:
         self._sinks = list(sinks)
+        # One timing callback per sink, looked up once (a labelled histogram child).
+        self._timers = (
+            {name: on_write_seconds(name) for name, _ in sinks} if on_write_seconds else {}
+        )
         self._live = list(sinks)
         self._logger = logger
         self._on_error = on_error
@@ -85,10 +91,14 @@ class Fanout:
     def write(self, track: Track, position: int, samples: NDArray[np.int16]) -> None:
         """Write a batch to every sink still working."""
         for name, sink in self._live:
+            started = time.perf_counter()
             try:
                 sink.write(track, position, samples)
             except Exception as exc:  # noqa: BLE001 - isolate the sink, keep the stream
                 self._fail(name, sink, "write", exc)
+            timer = self._timers.get(name)
+            if timer is not None:
+                timer(time.perf_counter() - started)
 
     def event(self, record: DtmfRecord | MarkRecord) -> None:
         """Pass a DTMF digit or mark to every sink still working."""
