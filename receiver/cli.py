@@ -24,6 +24,7 @@ from receiver import __version__
 from receiver.codecs import CLI_CODECS, codec_for
 from receiver.events import Track
 from receiver.exceptions import ConfigError
+from receiver.logs import setup_logging
 from receiver.settings import Settings, load_settings
 
 logger = logging.getLogger("receiver")
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--sinks", help="comma-separated sinks (RECEIVER_SINKS, default wav)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (RECEIVER_LOG_LEVEL)")
+    serve.add_argument(
+        "--log-format", choices=["text", "json"], help="text or json lines (RECEIVER_LOG_FORMAT)"
+    )
     serve.set_defaults(func=_serve)
 
     rep = sub.add_parser("repair", help="finish the files of streams a crash interrupted")
@@ -113,12 +117,9 @@ def _serve(args: argparse.Namespace) -> int:
         insecure_ws=args.insecure_ws,
         sinks=args.sinks,
         log_level=args.log_level,
+        log_format=args.log_format,
     )
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(level=settings.log_level, log_format=settings.log_format)
     check_recordings_dir(settings.recordings_dir)
     from receiver.sinks import load_sink_factories
 

@@ -34,6 +34,7 @@ from receiver.exceptions import (
     UnsupportedMedia,
     truncate_utf8,
 )
+from receiver.logs import StreamLogger
 from receiver.metrics import LiveTracks, ReceiverMetrics
 from receiver.protocol import StreamProtocol
 from receiver.session import Session
@@ -47,14 +48,6 @@ logger = logging.getLogger("receiver.server")
 _WE_CLOSE = frozenset({"protocol-error", "error", "idle-timeout", "max-duration"})
 # Close codes websockets sends when it refuses a frame: bad framing, invalid UTF-8, too big.
 _FRAME_ERRORS = frozenset({1002, 1007, 1009})
-
-
-class StreamLogger(logging.LoggerAdapter[logging.Logger]):
-    """Prefixes every line about a stream with its (shortened, escaped) stream sid."""
-
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        sid = self.extra["stream_sid"] if self.extra else "-"
-        return f"[{sid}] {msg}", kwargs
 
 
 def _short(text: str, limit: int = 48) -> str:
@@ -385,12 +378,14 @@ class StreamHandler:
         self.receiver.metrics.stream_finished(
             session.codec.name if session else "none", stats, duration_s
         )
+        tracks = ", ".join(
+            f"{t} {s.samples / (session.rate if session else rate):.2f} s ({s.gaps} gaps)"
+            for t, s in stats.items()
+        )
         self.log.info(
-            "stream ended (%s): %s",
+            "stream ended (%s) after %.1f s: %s%s",
             end.kind,
-            ", ".join(
-                f"{t} {s.samples / (session.rate if session else rate):.2f} s, {s.gaps} gaps"
-                for t, s in stats.items()
-            )
-            or "no audio",
+            duration_s,
+            tracks or "no audio",
+            "".join(f"; {where}" for where in fanout.locations),
         )

@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     max_stream_duration_s: float = Field(default=6 * 3600.0, gt=0, le=7 * 86_400)
     drain_timeout_s: float = Field(default=10.0, ge=0, le=600)
     log_level: LogLevel = "INFO"
+    log_format: Literal["text", "json"] = "text"
     # /metrics is served on the stream port without a token; give it a port of its own (bound
     # to metrics_host) to keep it off the public interface.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)

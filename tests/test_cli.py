@@ -162,3 +162,49 @@ def test_insecure_ws_says_so(served: Any) -> None:
     assert "PLAIN ws://" in log
     assert "listening on ws://" in log
     assert server.stop() == 0
+
+
+def test_json_logs_carry_the_stream_sid(served: Any, tmp_path: Path, tls_files: Any) -> None:
+    """With RECEIVER_LOG_FORMAT=json every line is JSON; stream lines carry stream_sid, and the
+    last one says where the files are."""
+    import json
+
+    server = served(
+        RECEIVER_LOG_FORMAT="json",
+        RECEIVER_TOKENS="t" * 20,
+        RECEIVER_TLS_CERT=str(tls_files.cert),
+        RECEIVER_TLS_KEY=str(tls_files.key),
+    )
+    server.wait_listening()
+    tone = tmp_path / "tone.wav"
+    run("sox", "-n", "-r", "8000", "-c", "1", "-b", "16", tone, "synth", "0.5", "sine", "440")
+    sim = subprocess.run(
+        receiver_cmd(
+            "simulate",
+            str(tone),
+            "--token",
+            "t" * 20,
+            "--stream-sid",
+            "json-sid",
+            "--url",
+            f"wss://localhost:{server.port}/",
+            "--cafile",
+            str(tls_files.cert),
+        ),
+        env=server.env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert sim.returncode == 0, sim.stderr
+    assert server.stop() == 0
+    entries = [json.loads(line) for line in server.log.read_text().splitlines()]
+    about = [e for e in entries if e.get("stream_sid") == "json-sid"]
+    assert any("stream started" in e["message"] for e in about)
+    last = [e for e in about if "stream ended" in e["message"]]
+    assert len(last) == 1
+    assert "stream ended (stop)" in last[0]["message"]
+    assert "recordings/json-sid" in last[0]["message"]
+    assert {"time", "level", "logger", "message"} <= set(entries[0])

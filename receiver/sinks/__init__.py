@@ -83,6 +83,12 @@ class Fanout:
         """Whether any sink still takes audio; when none does, the stream records nothing."""
         return bool(self._live)
 
+    @property
+    def locations(self) -> list[str]:
+        """Where sinks put the stream (a sink may say so in a ``location`` attribute)."""
+        found = (getattr(sink, "location", None) for _, sink in self._sinks)
+        return [str(where) for where in found if where]
+
     def open(self, info: StreamInfo) -> None:
         """Open every sink."""
         for name, sink in list(self._live):

@@ -101,6 +101,11 @@ class WavSink:
         self._marker: Path | None = None
         self._marker_fd: int | None = None
 
+    @property
+    def location(self) -> str | None:
+        """Where the files are, for the stream's last log line."""
+        return f"files in {self.directory}" if self.directory else None
+
     @classmethod
     def from_settings(cls, settings: Settings) -> WavSink:
         """The ``receiver.sinks`` entry point: one sink per stream."""
