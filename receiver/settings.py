@@ -19,6 +19,7 @@ ENV_PREFIX = "RECEIVER_"
 
 ByteOrder = Literal["little", "big"]
 SampleFormat = Literal["pcm16", "native"]
+FileFormat = Literal["wav", "flac"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
@@ -45,6 +46,9 @@ class Settings(BaseSettings):
     recordings_dir: Path = Path("recordings")
     l16_byte_order: ByteOrder = "little"
     sample_format: SampleFormat = "pcm16"
+    file_format: FileFormat = "wav"
+    # Also write stereo.<ext> (inbound left, outbound right) when a stream ends.
+    stereo: bool = False
     sinks: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["wav"])
     # How much audio a track gathers before it is handed to the sinks.
     batch_ms: int = Field(default=200, ge=20, le=10_000)

@@ -726,3 +726,36 @@ async def test_metrics_on_a_port_of_their_own(
         async with connect(url(receiver, "/metrics"), ssl=client_ssl):
             pass
     assert info.value.response.status_code == 401
+
+
+async def test_flac_and_stereo_options(
+    start_receiver: StartReceiver, client_ssl: ssl.SSLContext, speech: Any, tmp_path: Path
+) -> None:
+    """file_format=flac records sample-exact FLAC; stereo adds inbound-left/outbound-right."""
+    receiver = await start_receiver(file_format="flac", stereo=True)
+    encoded = {t: sox_encode(speech[t].wav[8000], "ul", tmp_path / f"{t}.ul") for t in speech}
+    expected = {t: sox_decode(tmp_path / f"{t}.ul", "ul") for t in speech}
+    messages = build_messages(
+        codec=PCMU, tracks=encoded, stream_sid="flac", drop={"outbound": set(range(10, 20))}
+    )
+    await play(url(receiver), messages, token=TOKEN, ssl_context=client_ssl)
+    directory = recording(receiver, "flac")
+    import soundfile
+
+    expected["outbound"][9 * 160 : 19 * 160] = 0
+    for track in ("inbound", "outbound"):
+        assert soundfile.info(str(directory / f"{track}.flac")).format == "FLAC"
+        np.testing.assert_array_equal(read_wav(directory / f"{track}.flac")[0], expected[track])
+    stereo, rate = soundfile.read(directory / "stereo.flac", dtype="int16")
+    assert rate == 8000 and stereo.shape[1] == 2
+    length = max(len(expected["inbound"]), len(expected["outbound"]))
+    assert len(stereo) == length
+    for channel, track in enumerate(("inbound", "outbound")):
+        padded = np.zeros(length, dtype=np.int16)
+        padded[: len(expected[track])] = expected[track]
+        np.testing.assert_array_equal(stereo[:, channel], padded)
+    assert record_of(directory)["files"] == {
+        "inbound": "inbound.flac",
+        "outbound": "outbound.flac",
+        "stereo": "stereo.flac",
+    }

@@ -32,7 +32,7 @@ from receiver.session import DtmfRecord, MarkRecord
 from receiver.sinks.base import StreamInfo, StreamSummary
 
 if TYPE_CHECKING:
-    from receiver.settings import SampleFormat, Settings
+    from receiver.settings import FileFormat, SampleFormat, Settings
 
 RECORD_NAME = "stream.json"
 IN_PROGRESS_DIR = ".in-progress"
@@ -90,9 +90,18 @@ def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
 class WavSink:
     """Per-track WAV files and the ``stream.json`` record of one stream."""
 
-    def __init__(self, *, recordings_dir: Path, sample_format: SampleFormat = "pcm16") -> None:
+    def __init__(
+        self,
+        *,
+        recordings_dir: Path,
+        sample_format: SampleFormat = "pcm16",
+        file_format: FileFormat = "wav",
+        stereo: bool = False,
+    ) -> None:
         self.recordings_dir = recordings_dir
         self.sample_format = sample_format
+        self.file_format = file_format
+        self.stereo = stereo
         self.directory: Path | None = None
         self._info: StreamInfo | None = None
         self._files: dict[Track, soundfile.SoundFile] = {}
@@ -109,7 +118,12 @@ class WavSink:
     @classmethod
     def from_settings(cls, settings: Settings) -> WavSink:
         """The ``receiver.sinks`` entry point: one sink per stream."""
-        return cls(recordings_dir=settings.recordings_dir, sample_format=settings.sample_format)
+        return cls(
+            recordings_dir=settings.recordings_dir,
+            sample_format=settings.sample_format,
+            file_format=settings.file_format,
+            stereo=settings.stereo,
+        )
 
     def open(self, info: StreamInfo) -> None:
         """Create the stream's directory and its first ``stream.json``."""
@@ -126,9 +140,10 @@ class WavSink:
             raise ValueError(f"{track}: batch at {position}, file holds {written} samples")
         try:
             file.write(samples)
-            update_header(file)
+            if self.file_format == "wav":
+                update_header(file)
         except soundfile.LibsndfileError as exc:  # say which file; libsndfile's text is terse
-            raise OSError(f"writing {track}.wav failed: {exc.error_string}") from exc
+            raise OSError(f"writing {self._name(track)} failed: {exc.error_string}") from exc
         self._frames[track] = written + len(samples)
 
     def event(self, record: DtmfRecord | MarkRecord) -> None:
@@ -136,12 +151,17 @@ class WavSink:
         self._events.append(record)
 
     def close(self, summary: StreamSummary) -> None:
-        """Finish every WAV header, then write the final ``stream.json``."""
+        """Finish every file (and the stereo mix), then write the final ``stream.json``."""
         errors: list[BaseException] = []
         for file in self._files.values():
             try:
                 file.close()
             except Exception as exc:  # noqa: BLE001 - finish the other files, then report
+                errors.append(exc)
+        if self.stereo and self._files and not errors:
+            try:
+                self._mix_stereo()
+            except Exception as exc:  # noqa: BLE001 - the mono files stand; report
                 errors.append(exc)
         if self.directory is not None:
             write_json_atomic(
@@ -150,6 +170,45 @@ class WavSink:
         self._release_marker()
         if errors:
             raise errors[0]
+
+    def _mix_stereo(self) -> None:
+        """``stereo.<ext>``: inbound left, outbound right, on the shared timeline.
+
+        Made at the end from the track files, a second at a time, so that it costs no memory
+        while the stream runs; the shorter track is padded with silence.
+        """
+        assert self.directory is not None and self._info is not None
+        assert self._info.codec is not None
+        rate, block = self._info.codec.sample_rate_hz, self._info.codec.sample_rate_hz
+        length = max(self._frames.values())
+        readers = {
+            track: soundfile.SoundFile(self.directory / self._name(track))
+            for track in ("inbound", "outbound")
+            if track in self._files
+        }
+        target = self.directory / self._name("stereo")
+        try:
+            with soundfile.SoundFile(
+                target, "w", rate, 2, subtype="PCM_16", format=self._container
+            ) as out:
+                for start in range(0, length, block):
+                    frames = min(block, length - start)
+                    mix = np.zeros((frames, 2), dtype=np.int16)
+                    for channel, track in enumerate(("inbound", "outbound")):
+                        if track in readers:
+                            data = readers[track].read(frames, dtype="int16")
+                            mix[: len(data), channel] = data
+                    out.write(mix)
+        finally:
+            for reader in readers.values():
+                reader.close()
+
+    @property
+    def _container(self) -> str:
+        return "FLAC" if self.file_format == "flac" else "WAV"
+
+    def _name(self, track: str) -> str:
+        return f"{track}.{self.file_format}"
 
     def _hold_marker(self, directory: Path) -> None:
         """Mark the stream live: a locked file named after its directory."""
@@ -171,14 +230,14 @@ class WavSink:
         assert self._info is not None and self._info.codec is not None and self.directory
         codec = self._info.codec
         subtype = "PCM_16"
-        if self.sample_format == "native":
+        if self.sample_format == "native" and self.file_format == "wav":
             subtype = _NATIVE_SUBTYPES.get(codec.name, "PCM_16")
         file = soundfile.SoundFile(
-            self.directory / f"{track}.wav",
+            self.directory / self._name(track),
             mode="w",
             samplerate=codec.sample_rate_hz,
             channels=1,
-            format="WAV",
+            format=self._container,
             subtype=subtype,
         )
         self._files[track] = file
@@ -191,7 +250,11 @@ class WavSink:
         record.update(self._info.as_dict())
         record["unsupported_reason"] = self._info.unsupported_reason
         record["sample_format"] = self.sample_format
-        record["files"] = {track: f"{track}.wav" for track in self._files}
+        files: dict[str, str] = {track: self._name(track) for track in self._files}
+        stereo = self.directory / self._name("stereo") if self.directory else None
+        if self.stereo and stereo is not None and stereo.exists():
+            files["stereo"] = self._name("stereo")
+        record["files"] = files
         if summary is not None:
             record.update(summary.as_dict())
         return record
