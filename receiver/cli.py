@@ -318,6 +318,17 @@ def _simulate(args: argparse.Namespace) -> int:
         custom_parameters=params,
         layout=args.layout,
     )
+    seconds = max(len(d) for d in tracks.values()) / codec.bytes_per_sample / codec.sample_rate_hz
+    shown = [-1]
+
+    def show(sent: int, total: int) -> None:
+        # Redraw on a terminal only, and at most 100 times: progress is for people.
+        step = sent * 100 // total
+        if step != shown[0]:
+            shown[0] = step
+            line = simulate.progress_bar(sent, total, seconds=seconds)
+            print(f"\r{line}", end="" if sent < total else "\n", file=sys.stderr, flush=True)
+
     result = asyncio.run(
         simulate.play(
             args.url,
@@ -326,6 +337,7 @@ def _simulate(args: argparse.Namespace) -> int:
             ssl_context=tls.client_context(cafile),
             frame_interval_s=args.frame_ms / 1000 if args.realtime else 0.0,
             frames_per_interval=len(tracks),
+            progress=show if sys.stderr.isatty() else None,
         )
     )
     print(

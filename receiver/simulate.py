@@ -11,7 +11,7 @@ import base64
 import json
 import ssl
 import uuid
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -145,14 +145,17 @@ async def play(
     frame_interval_s: float = 0.0,
     frames_per_interval: int = 1,
     close_timeout_s: float = 10.0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> PlayResult:
     """Send ``messages`` over one WebSocket, as the platform would, and wait for the close.
 
     With ``frame_interval_s`` the media messages are paced like a live call
     (``frames_per_interval`` messages per interval: 2 for both tracks). After a ``stop`` the
     client waits for the server to close, which it does once every file is finished; without
-    one it closes the connection itself, like a hang-up.
+    one it closes the connection itself, like a hang-up. ``progress(sent, total)`` is called
+    after each message.
     """
+    messages = list(messages)
     redact_websockets_logs()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     sent = 0
@@ -179,6 +182,8 @@ async def play(
                     media_sent += 1
                 await ws.send(message)
                 sent += 1
+                if progress is not None:
+                    progress(sent, len(messages))
                 saw_stop = saw_stop or event == "stop"
             if saw_stop:
                 async with asyncio.timeout(close_timeout_s):
@@ -186,6 +191,16 @@ async def play(
         except ConnectionClosed:
             pass
     return PlayResult(ws.close_code, ws.close_reason, sent)
+
+
+def progress_bar(sent: int, total: int, *, seconds: float, width: int = 30) -> str:
+    """One line of progress: ``[#####.....]  50%  3.0 / 6.0 s``."""
+    done = sent / total if total else 1.0
+    filled = int(done * width)
+    return (
+        f"[{'#' * filled}{'.' * (width - filled)}] {done:4.0%}"
+        f"  {done * seconds:5.1f} / {seconds:.1f} s"
+    )
 
 
 def _event_name(message: str) -> str | None:

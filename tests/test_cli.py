@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -208,3 +209,51 @@ def test_json_logs_carry_the_stream_sid(served: Any, tmp_path: Path, tls_files: 
     assert "stream ended (stop)" in last[0]["message"]
     assert "recordings/json-sid" in last[0]["message"]
     assert {"time", "level", "logger", "message"} <= set(entries[0])
+
+
+def test_simulate_shows_progress_on_a_terminal(served: Any, tmp_path: Path, tls_files: Any) -> None:
+    """On a terminal, `simulate` draws a progress bar that reaches 100%."""
+    import pty
+
+    server = served(
+        RECEIVER_TOKENS="t" * 20,
+        RECEIVER_TLS_CERT=str(tls_files.cert),
+        RECEIVER_TLS_KEY=str(tls_files.key),
+    )
+    server.wait_listening()
+    tone = tmp_path / "tone.wav"
+    run("sox", "-n", "-r", "8000", "-c", "1", "-b", "16", tone, "synth", "2", "sine", "440")
+    main_fd, child_fd = pty.openpty()
+    proc = subprocess.Popen(
+        receiver_cmd(
+            "simulate",
+            str(tone),
+            "--token",
+            "t" * 20,
+            "--cafile",
+            str(tls_files.cert),
+            "--url",
+            f"wss://localhost:{server.port}/",
+        ),
+        env=server.env,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=child_fd,
+    )
+    os.close(child_fd)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(main_fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(main_fd)
+    assert proc.wait(timeout=60) == 0
+    text = output.decode()
+    assert "100%" in text and "2.0 / 2.0 s" in text
+    assert "[" + "#" * 30 + "]" in text
+    assert server.stop() == 0
