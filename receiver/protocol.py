@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import binascii
 import enum
-import json
 from collections.abc import Mapping
 from typing import Any
+
+import orjson
 
 from receiver.events import (
     Connected,
@@ -69,9 +70,14 @@ class StreamProtocol:
 
     def receive(self, message: str | bytes) -> Event:
         """Parse one WebSocket message and check that it may come now."""
-        if not isinstance(message, str):
+        if type(message) is not str:
             raise UnsupportedMedia("binary frames are not part of the stream protocol")
-        event = parse_event(decode_json(message), default_track=self._single_track)
+        obj = decode_json(message)
+        if self.state is State.STREAMING:
+            media = _fast_media(obj)
+            if media is not None:
+                return media
+        event = parse_event(obj, default_track=self._single_track)
         match event:
             case Start():
                 if self.state is not State.AWAITING_START:
@@ -106,15 +112,54 @@ class StreamProtocol:
 def decode_json(text: str) -> dict[str, Any]:
     """One JSON object, unwrapped from the ``rawEvent`` logging envelope when present."""
     try:
-        value = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise MalformedMessage(f"not JSON: {type(exc).__name__}") from None
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedMessage(f"not JSON: {str(exc)[:60]}") from None
     if not isinstance(value, dict):
         raise MalformedMessage(f"a message must be a JSON object, not {_kind(value)}")
     raw = value.get("rawEvent")
     if "event" not in value and isinstance(raw, dict):
         value = raw
     return value
+
+
+def _fast_media(obj: dict[str, Any]) -> Media | None:
+    """The common media frame, checked inline: about half the cost of the general path.
+
+    Returns None for anything unusual (another event, an absent field, a number sent as a JSON
+    number, anything invalid), which the general path then parses or rejects with a reason.
+    """
+    if obj.get("event") != "media":
+        return None
+    body = obj.get("media")
+    if type(body) is not dict:
+        return None
+    payload, track = body.get("payload"), body.get("track")
+    chunk, timestamp = body.get("chunk"), body.get("timestamp")
+    sequence = obj.get("sequenceNumber")
+    if not (
+        type(payload) is str
+        and type(track) is str
+        and track in _TRACK_NAMES
+        and type(chunk) is str
+        and 0 < len(chunk) <= _MAX_DIGITS
+        and chunk.isdigit()
+        and chunk.isascii()
+        and type(timestamp) is str
+        and 0 < len(timestamp) <= _MAX_DIGITS
+        and timestamp.isdigit()
+        and timestamp.isascii()
+        and type(sequence) is str
+        and 0 < len(sequence) <= _MAX_DIGITS
+        and sequence.isdigit()
+        and sequence.isascii()
+    ):
+        return None
+    try:
+        audio = binascii.a2b_base64(payload, strict_mode=True)
+    except (binascii.Error, ValueError):
+        return None
+    return Media(_TRACK_NAMES[track], audio, int(chunk), int(timestamp), int(sequence))
 
 
 def parse_event(obj: Mapping[str, Any], *, default_track: Track | None = None) -> Event:

@@ -406,7 +406,6 @@ HOSTILE_SIDS = [
     "ünïcødé/..\\..\\",
     "CON",
     "~root",
-    "\ud800lone-surrogate",
 ]
 
 
@@ -433,6 +432,15 @@ async def test_hostile_stream_sids_stay_inside_recordings(
         assert (directory / "inbound.wav").is_file()
         sids.add(record_of(directory)["stream_sid"])
     assert sids == set(HOSTILE_SIDS)
+
+
+async def test_lone_surrogate_in_json_is_1007(
+    receiver: Receiver, client_ssl: ssl.SSLContext
+) -> None:
+    """A string with a lone UTF-16 surrogate is not valid JSON text: 1007, nothing written."""
+    code, reason = await send_raw(receiver, client_ssl, [start_frame("\ud800lone")])
+    assert code == 1007 and "surrogate" in reason
+    assert list_tree(receiver) == []
 
 
 async def test_same_stream_sid_twice_never_overwrites(
