@@ -191,6 +191,49 @@ class Receiver:
             self._handlers.discard(task)
 
 
+class Watchdog:
+    """Ends a stream that went quiet (idle timeout) or ran too long (max duration).
+
+    One timer per stream, every quarter of the idle timeout, instead of a timeout around every
+    ``recv``: it compares message counts, and when a limit is passed it cancels the reading
+    task with ``expired`` set (websockets' ``recv`` is cancellation-safe).
+    """
+
+    def __init__(self, stream: StreamHandler, loop: asyncio.AbstractEventLoop) -> None:
+        settings = stream.settings
+        self._stream = stream
+        self._loop = loop
+        self._task = asyncio.current_task()
+        self._idle_s = settings.idle_timeout_s
+        self._max_duration_s = settings.max_stream_duration_s
+        self._period_s = min(settings.idle_timeout_s / 4, 5.0)
+        now = loop.time()
+        self._deadline = now + settings.max_stream_duration_s
+        self._seen, self._seen_at = -1, now
+        self.expired: StreamEnd | None = None
+        self._handle = loop.call_later(min(self._period_s, self._max_duration_s), self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if self._stream.messages != self._seen:
+            self._seen, self._seen_at = self._stream.messages, now
+        if now >= self._deadline:
+            reason = f"max stream duration of {self._max_duration_s:g} s reached"
+            self.expired = StreamEnd("max-duration", CLOSE_POLICY_VIOLATION, reason)
+        elif now - self._seen_at >= self._idle_s:
+            reason = f"no message for {self._idle_s:g} s"
+            self.expired = StreamEnd("idle-timeout", CLOSE_POLICY_VIOLATION, reason)
+        if self.expired is not None and self._task is not None:
+            self._task.cancel()
+            return
+        next_check = min(self._period_s, max(self._deadline - now, 0.0))
+        self._handle = self._loop.call_later(next_check, self._check)
+
+    def cancel(self) -> None:
+        """Stop watching (the stream ended)."""
+        self._handle.cancel()
+
+
 class StreamHandler:
     """One connection's life: read messages until the stream ends, always closing the sinks."""
 
@@ -237,56 +280,54 @@ class StreamHandler:
             await self.ws.close(end.close_code, end.reason or "")
 
     async def _read(self) -> StreamEnd:
-        s = self.settings
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + s.max_stream_duration_s
-        while True:
-            remaining = deadline - loop.time()
-            try:
-                async with asyncio.timeout(min(s.idle_timeout_s, max(remaining, 0))):
+        watchdog = Watchdog(self, asyncio.get_running_loop())
+        try:
+            while True:
+                try:
                     message = await self.ws.recv()
-            except TimeoutError:
-                if loop.time() >= deadline:
-                    reason = f"max stream duration of {s.max_stream_duration_s:g} s reached"
-                    kind: Any = "max-duration"
-                else:
-                    reason = f"no message for {s.idle_timeout_s:g} s"
-                    kind = "idle-timeout"
-                self.counters.update([kind.replace("-", "_")])
-                self.log.warning("closing: %s", reason)
-                return StreamEnd(kind, CLOSE_POLICY_VIOLATION, reason)
-            except ConnectionClosed as exc:
-                return self._closed(exc)
-            self.messages += 1
-            event = self.protocol.receive(message)
-            match event:
-                case Media():
-                    assert self.session is not None and self.fanout is not None
-                    self.counters["frames"] += 1
-                    for batch in self.session.media(event):
-                        self.fanout.write(batch.track, batch.position, batch.samples)
-                    if not self.fanout.alive:
-                        raise RecordingFailed(self.fanout.errors)
-                case Start():
-                    self._start(event)
-                case Dtmf():
-                    assert self.session is not None and self.fanout is not None
-                    self.fanout.event(self.session.on_dtmf(event))
-                case Mark():
-                    assert self.session is not None and self.fanout is not None
-                    self.fanout.event(self.session.on_mark(event))
-                case Stop():
-                    self.log.info("stop received")
-                    return StreamEnd("stop", None, None)
-                case Connected():
-                    pass
-                case UnknownEvent(name=name):
-                    self.counters["unknown_events"] += 1
-                    if name not in self.unknown_events and len(self.unknown_events) < 32:
-                        self.unknown_events[name] = None
-                        self.log.info("skipping unknown event %r", _short(name))
-                case _:
-                    assert_never(event)
+                except ConnectionClosed as exc:
+                    return self._closed(exc)
+                except asyncio.CancelledError:
+                    if watchdog.expired is None:
+                        raise
+                    task = asyncio.current_task()
+                    assert task is not None
+                    task.uncancel()
+                    self.counters.update([watchdog.expired.kind.replace("-", "_")])
+                    self.log.warning("closing: %s", watchdog.expired.reason)
+                    return watchdog.expired
+                self.messages += 1
+                event = self.protocol.receive(message)
+                match event:
+                    case Media():
+                        assert self.session is not None and self.fanout is not None
+                        self.counters["frames"] += 1
+                        for batch in self.session.media(event):
+                            self.fanout.write(batch.track, batch.position, batch.samples)
+                        if not self.fanout.alive:
+                            raise RecordingFailed(self.fanout.errors)
+                    case Start():
+                        self._start(event)
+                    case Dtmf():
+                        assert self.session is not None and self.fanout is not None
+                        self.fanout.event(self.session.on_dtmf(event))
+                    case Mark():
+                        assert self.session is not None and self.fanout is not None
+                        self.fanout.event(self.session.on_mark(event))
+                    case Stop():
+                        self.log.info("stop received")
+                        return StreamEnd("stop", None, None)
+                    case Connected():
+                        pass
+                    case UnknownEvent(name=name):
+                        self.counters["unknown_events"] += 1
+                        if name not in self.unknown_events and len(self.unknown_events) < 32:
+                            self.unknown_events[name] = None
+                            self.log.info("skipping unknown event %r", _short(name))
+                    case _:
+                        assert_never(event)
+        finally:
+            watchdog.cancel()
 
     def _closed(self, exc: ConnectionClosed) -> StreamEnd:
         sent, rcvd = exc.sent, exc.rcvd

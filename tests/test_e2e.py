@@ -767,3 +767,22 @@ async def test_flac_and_stereo_options(
         "outbound": "outbound.flac",
         "stereo": "stereo.flac",
     }
+
+
+async def test_max_stream_duration_closes_a_busy_stream(
+    start_receiver: StartReceiver, client_ssl: ssl.SSLContext
+) -> None:
+    """A stream still sending at max_stream_duration_s is closed with 1008, its audio kept."""
+    receiver = await start_receiver(max_stream_duration_s=0.5, idle_timeout_s=5)
+    audio = PCMU.encode(np.full(8000 * 3, 700, dtype=np.int16))
+    messages = build_messages(codec=PCMU, tracks={"inbound": audio}, stream_sid="long")
+    # Half real time: the wall clock reaches 0.5 s while the timestamps stand near 250 ms.
+    result = await play(
+        url(receiver), messages, token=TOKEN, ssl_context=client_ssl, frame_interval_s=0.04
+    )
+    assert result.close_code == 1008
+    assert "max stream duration" in (result.close_reason or "")
+    directory = recording(receiver, "long")
+    kept = len(read_wav(directory / "inbound.wav")[0])
+    assert 0.15 * 8000 <= kept <= 0.45 * 8000
+    assert record_of(directory)["end"]["kind"] == "max-duration"
