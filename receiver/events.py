@@ -1,14 +1,15 @@
 """The typed events of a media stream, as parsed by :mod:`receiver.protocol`.
 
 ``Event`` is the union the server dispatches on with ``match`` ending in ``assert_never``.
-Every event is a frozen dataclass; ids stay opaque text (never trusted in a file path).
+Every event is immutable: frozen dataclasses, and a NamedTuple for the per-frame ``Media``;
+ids stay opaque text (never trusted in a file path).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, NewType
+from typing import Any, Literal, NamedTuple, NewType
 
 StreamSid = NewType("StreamSid", str)
 
@@ -50,9 +51,12 @@ class Start:
     raw: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class Media:
-    """One frame of audio of one track; ``payload`` is the raw encoded bytes (base64-decoded)."""
+class Media(NamedTuple):
+    """One frame of audio of one track; ``payload`` is the raw encoded bytes (base64-decoded).
+
+    A NamedTuple rather than a frozen dataclass like the other events: it is built for every
+    frame, and a frozen dataclass costs 1.17 us to construct against 0.2 us (bench/core).
+    """
 
     track: Track
     payload: bytes
