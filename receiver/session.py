@@ -10,7 +10,7 @@ both what keeps the decoder cheap and what the sinks want.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,6 +33,10 @@ class AudioBatch:
     track: Track
     position: int
     samples: NDArray[np.int16]
+
+
+# What most frames return: no batch is complete yet.
+_NOTHING: tuple[AudioBatch, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +120,7 @@ class Session:
         self.batch_samples = max(1, self.rate * batch_ms // 1000)
         self.max_samples = int(max_duration_s * self.rate)
         self.max_gap_samples = int(max_gap_s * self.rate)
+        self._one_ms = max(1, self.rate // 1000)
         self._bytes_per_sample = codec.bytes_per_sample
         self._tracks: dict[Track, _TrackClock] = {}
         # One second of shared, read-only silence; long gaps are handed out in views of it.
@@ -124,89 +129,93 @@ class Session:
         self.dtmf: list[DtmfRecord] = []
         self.marks: list[MarkRecord] = []
 
-    def media(self, frame: Media) -> list[AudioBatch]:
-        """Place one frame; return the batches it completed."""
-        payload = frame.payload
-        if len(payload) % self._bytes_per_sample:
+    def media(self, frame: Media) -> Sequence[AudioBatch]:
+        """Place one frame; return the batches it completed (usually none)."""
+        track, payload, chunk, timestamp, _ = frame
+        size = len(payload)
+        bytes_per_sample = self._bytes_per_sample
+        if size % bytes_per_sample:
             raise MalformedMessage(
-                f"{self.codec.name} payload of {len(payload)} bytes is not whole samples"
+                f"{self.codec.name} payload of {size} bytes is not whole samples"
             )
-        n = len(payload) // self._bytes_per_sample
-        clock = self._tracks.get(frame.track)
+        n = size // bytes_per_sample
+        clock = self._tracks.get(track)
         if clock is None:
-            clock = self._tracks[frame.track] = _TrackClock()
+            clock = self._tracks[track] = _TrackClock()
         stats = clock.stats
-        chunk, timestamp = frame.chunk, frame.timestamp_ms
+        cursor = clock.cursor
+        last_chunk = stats.last_chunk
 
-        if chunk is not None and stats.last_chunk is not None:
-            if chunk <= stats.last_chunk:
+        if chunk is not None and last_chunk is not None:
+            if chunk <= last_chunk:
                 stats.duplicate_frames += 1
-                return []
-            stats.chunks_missing += chunk - stats.last_chunk - 1
+                return _NOTHING
+            stats.chunks_missing += chunk - last_chunk - 1
 
         if timestamp is not None:
             target = timestamp * self.rate // 1000 - clock.offset
-            jump = target - clock.cursor
+            jump = target - cursor
             if abs(jump) > self.max_gap_samples:
                 # A clock jump past max_gap_s (a corrupt timestamp, a clock reset): fill at most
                 # max_gap_s and shift the track's clock, rather than write hours of silence
                 # or drop every later frame as "already placed".
                 kept = self.max_gap_samples if jump > 0 else 0
                 clock.offset += jump - kept
-                target = clock.cursor + kept
+                target = cursor + kept
                 stats.clock_jumps += 1
                 stats.clock_jump_skipped_ms += round((jump - kept) * 1000 / self.rate, 3)
-        elif chunk is not None and stats.last_chunk is not None:
-            target = clock.cursor + (chunk - stats.last_chunk - 1) * n
+        elif chunk is not None and last_chunk is not None:
+            target = cursor + (chunk - last_chunk - 1) * n
         else:
-            target = clock.cursor
+            target = cursor
         if target + n > self.max_samples:
             raise LimitExceeded("media placed beyond the max stream duration")
 
         stats.frames += 1
-        stats.bytes += len(payload)
+        stats.bytes += size
         if chunk is not None:
             stats.last_chunk = chunk
-            if stats.first_chunk is None:
+            if last_chunk is None:
                 stats.first_chunk = chunk
         if timestamp is not None:
-            stats.last_timestamp_ms = timestamp
-            if stats.first_timestamp_ms is None:
+            if stats.last_timestamp_ms is None:
                 stats.first_timestamp_ms = timestamp
+            stats.last_timestamp_ms = timestamp
 
         # Timestamps are whole ms and may jitter: a frame within half its length (and at least
         # 1 ms) of the cursor continues the track; further away it is a gap or an overlap.
-        tolerance = max(n // 2, self.rate // 1000)
-        out: list[AudioBatch] = []
-        delta = target - clock.cursor
+        delta = target - cursor
+        tolerance = n // 2 if n // 2 > self._one_ms else self._one_ms
+        out: list[AudioBatch] | None = None
         if delta > tolerance:
-            out.extend(self._flush_track(frame.track, clock))
-            out.extend(self._silence_batches(frame.track, clock.cursor, delta))
-            if clock.cursor == 0:
+            out = [*self._flush_track(track, clock), *self._silence_batches(track, cursor, delta)]
+            if cursor == 0:
                 stats.leading_silence_samples += delta
             else:
                 stats.gaps += 1
                 stats.silence_samples += delta
-            clock.cursor = target
+            cursor = target
         elif delta < -tolerance:
             skip = -delta
             if skip >= n:
                 stats.duplicate_frames += 1
-                return out
+                return _NOTHING
             stats.overlap_samples_dropped += skip
-            payload = payload[skip * self._bytes_per_sample :]
+            payload = payload[skip * bytes_per_sample :]
             n -= skip
 
-        if not clock.pending:
-            clock.pending_start = clock.cursor
-        clock.pending.append(payload)
+        pending = clock.pending
+        if not pending:
+            clock.pending_start = cursor
+        pending.append(payload)
         clock.pending_samples += n
-        clock.cursor += n
+        cursor += n
+        clock.cursor = cursor
         stats.audio_samples += n
-        stats.samples = clock.cursor
+        stats.samples = cursor
         if clock.pending_samples >= self.batch_samples:
-            out.extend(self._flush_track(frame.track, clock))
-        return out
+            out = [*(out or ()), *self._flush_track(track, clock)]
+        return out if out is not None else _NOTHING
 
     def flush(self) -> list[AudioBatch]:
         """Everything still pending, for the end of the stream."""

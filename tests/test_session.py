@@ -155,9 +155,10 @@ def test_batches_are_cut_by_time_and_contiguous() -> None:
 def test_long_gap_is_handed_out_in_bounded_views() -> None:
     """A 1-minute gap is filled with silence batches of at most 1 s each."""
     s = session()
-    batches = s.media(frame("inbound", 1, 0, ramp(0))) + s.media(
-        frame("inbound", 2, 60_000, ramp(0))
-    )
+    batches = [
+        *s.media(frame("inbound", 1, 0, ramp(0))),
+        *s.media(frame("inbound", 2, 60_000, ramp(0))),
+    ]
     silence = [b for b in batches if not b.samples.any()]
     assert sum(len(b.samples) for b in silence) == 60 * 8000 - 160
     assert max(len(b.samples) for b in silence) <= 8000
