@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.set_defaults(func=_simulate)
 
+    from receiver.streams_cli import add_streams_parser
+
+    add_streams_parser(sub)
+
     return parser
 
 

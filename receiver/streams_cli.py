@@ -1,0 +1,150 @@
+"""``receiver streams create | stop``: the command line over ``receiver.signalwire``.
+
+Credentials come from flags or ``SIGNALWIRE_SPACE``, ``SIGNALWIRE_PROJECT_ID``,
+``SIGNALWIRE_API_TOKEN`` (``SIGNALWIRE_API_URL`` overrides the base URL). The API token and the
+bearer token are never printed. Exit codes: 0 done, 1 the API refused or did not answer,
+2 invalid input or missing credentials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from receiver.exceptions import ConfigError
+from receiver.signalwire import (
+    TRACKS,
+    ConferenceStreamsClient,
+    SignalWireError,
+    StreamRequestInvalid,
+)
+
+
+def add_streams_parser(sub: Any) -> None:
+    """Add ``streams create`` and ``streams stop`` to the main parser's subcommands."""
+    streams = sub.add_parser("streams", help="start or stop streaming a conference (SignalWire)")
+    actions = streams.add_subparsers(dest="action", required=True)
+
+    def credentials(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--conference", required=True, metavar="SID", help="conference sid")
+        parser.add_argument("--space", help="SignalWire space name (SIGNALWIRE_SPACE)")
+        parser.add_argument("--project-id", help="project id (SIGNALWIRE_PROJECT_ID)")
+        parser.add_argument("--api-token", help="API token (SIGNALWIRE_API_TOKEN; prefer the env)")
+        parser.add_argument("--api-url", help="base URL override (SIGNALWIRE_API_URL)")
+        parser.add_argument("--cafile", type=Path, help="trust this CA for the API")
+        parser.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+        parser.add_argument("--json", action="store_true", help="print the stream as JSON")
+
+    create = actions.add_parser("create", help="stream a conference to a receiver")
+    credentials(create)
+    create.add_argument("--url", required=True, help="the receiver's wss:// URL")
+    create.add_argument("--name", help="a name unique in the conference (to stop it by)")
+    create.add_argument("--track", choices=TRACKS, help="default: both_tracks")
+    create.add_argument("--codec", help="PCMU (default), PCMA, L16, L16@16000h, L16@24000h")
+    create.add_argument("--real-time", action="store_true", default=None, help="StreamRealTime")
+    create.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="a custom parameter, repeatable (at most 99)",
+    )
+    create.add_argument(
+        "--bearer-token", help="token the platform presents (default: first of RECEIVER_TOKENS)"
+    )
+    create.add_argument("--status-callback", help="URL told when the stream starts/stops")
+    create.add_argument("--status-callback-method", choices=["GET", "POST"])
+    create.set_defaults(func=run_streams)
+
+    stop = actions.add_parser("stop", help="stop a conference stream")
+    credentials(stop)
+    which = stop.add_mutually_exclusive_group(required=True)
+    which.add_argument("--sid", help="the stream's sid")
+    which.add_argument("--name", help="the stream's name")
+    stop.set_defaults(func=run_streams)
+
+
+def run_streams(args: argparse.Namespace) -> int:
+    """Run ``streams create`` or ``streams stop``; returns the exit code."""
+    try:
+        with _client(args) as client:
+            if args.action == "create":
+                stream = client.create(
+                    conference_sid=args.conference,
+                    url=args.url,
+                    name=args.name,
+                    track=args.track,
+                    codec=args.codec,
+                    real_time=args.real_time,
+                    parameters=_params(args.param),
+                    bearer_token=args.bearer_token or _receiver_token(),
+                    status_callback=args.status_callback,
+                    status_callback_method=args.status_callback_method,
+                )
+            else:
+                stream = client.stop(conference_sid=args.conference, stream=args.sid or args.name)
+    except StreamRequestInvalid as exc:
+        print(f"receiver streams: {exc}", file=sys.stderr)
+        return 2
+    except SignalWireError as exc:
+        print(f"receiver streams: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(stream.as_dict(), indent=2))
+    else:
+        verb = "created" if args.action == "create" else "updated"
+        print(f"{verb} stream {stream.sid} (name {stream.name}): {stream.status}")
+        if stream.uri:
+            print(f"  uri: {stream.uri}")
+    return 0
+
+
+def _client(args: argparse.Namespace) -> ConferenceStreamsClient:
+    project_id = args.project_id or os.environ.get("SIGNALWIRE_PROJECT_ID")
+    api_token = args.api_token or os.environ.get("SIGNALWIRE_API_TOKEN")
+    space = args.space or os.environ.get("SIGNALWIRE_SPACE")
+    api_url = args.api_url or os.environ.get("SIGNALWIRE_API_URL")
+    if not project_id:
+        raise_usage("set SIGNALWIRE_PROJECT_ID (or --project-id)")
+    if not api_token:
+        raise_usage("set SIGNALWIRE_API_TOKEN (or --api-token)")
+    if not space and not api_url:
+        raise_usage("set SIGNALWIRE_SPACE (or --space, or SIGNALWIRE_API_URL)")
+    return ConferenceStreamsClient(
+        project_id=project_id,
+        api_token=api_token,
+        space=space,
+        api_url=api_url,
+        cafile=args.cafile,
+        timeout_s=args.timeout,
+    )
+
+
+def raise_usage(problem: str) -> NoReturn:
+    """Missing credentials are a usage error (exit 2)."""
+    raise StreamRequestInvalid("credentials", problem)
+
+
+def _params(pairs: list[str]) -> list[tuple[str, str]]:
+    params = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise StreamRequestInvalid("--param", f"takes key=value, got {pair!r}")
+        params.append((key, value))
+    return params
+
+
+def _receiver_token() -> str | None:
+    """The first of the receiver's own RECEIVER_TOKENS, so both sides agree by default."""
+    from receiver.settings import load_settings
+
+    try:
+        tokens = load_settings().token_values
+    except ConfigError:
+        return None
+    return tokens[0] if tokens else None
