@@ -13,7 +13,7 @@ import enum
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
+import msgspec
 
 from receiver.events import (
     Connected,
@@ -37,6 +37,7 @@ from receiver.exceptions import (
 
 # Enough digits for any real counter; more is an attack on int parsing, not a stream.
 _MAX_DIGITS = 15
+_LIMIT = 10**_MAX_DIGITS
 _MAX_NAME_CHARS = 256
 _TRACK_NAMES: Mapping[str, Track] = {
     "inbound": "inbound",
@@ -72,12 +73,11 @@ class StreamProtocol:
         """Parse one WebSocket message and check that it may come now."""
         if type(message) is not str:
             raise UnsupportedMedia("binary frames are not part of the stream protocol")
-        obj = decode_json(message)
         if self.state is State.STREAMING:
-            media = _fast_media(obj)
+            media = _fast_media(message)
             if media is not None:
                 return media
-        event = parse_event(obj, default_track=self._single_track)
+        event = parse_event(decode_json(message), default_track=self._single_track)
         match event:
             case Start():
                 if self.state is not State.AWAITING_START:
@@ -112,9 +112,9 @@ class StreamProtocol:
 def decode_json(text: str) -> dict[str, Any]:
     """One JSON object, unwrapped from the ``rawEvent`` logging envelope when present."""
     try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedMessage(f"not JSON: {str(exc)[:60]}") from None
+        value = _JSON.decode(text)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise MalformedMessage(f"not JSON: {str(exc)[:80]}") from None
     if not isinstance(value, dict):
         raise MalformedMessage(f"a message must be a JSON object, not {_kind(value)}")
     raw = value.get("rawEvent")
@@ -123,43 +123,54 @@ def decode_json(text: str) -> dict[str, Any]:
     return value
 
 
-def _fast_media(obj: dict[str, Any]) -> Media | None:
-    """The common media frame, checked inline: about half the cost of the general path.
+class _MediaBody(msgspec.Struct):
+    track: str
+    payload: bytes  # msgspec decodes base64 strictly, as binascii's strict mode does
+    chunk: str | int | None = None
+    timestamp: str | int | None = None
 
-    Returns None for anything unusual (another event, an absent field, a number sent as a JSON
-    number, anything invalid), which the general path then parses or rejects with a reason.
+
+class _MediaMessage(msgspec.Struct):
+    event: str
+    media: _MediaBody
+    sequenceNumber: str | int | None = None  # the wire's name
+
+
+_JSON = msgspec.json.Decoder()
+_MEDIA = msgspec.json.Decoder(_MediaMessage)
+
+
+def _fast_media(text: str) -> Media | None:
+    """The common media frame in one C call (JSON, base64, types), then the range checks.
+
+    Measured: 0.65 us to decode against 2.7 us for JSON, then dict checks and base64 in Python
+    (bench/core.py). Returns None for anything unusual (another event, a bad field, an unknown
+    track), which the general path then parses or rejects with a reason.
     """
-    if obj.get("event") != "media":
-        return None
-    body = obj.get("media")
-    if type(body) is not dict:
-        return None
-    payload, track = body.get("payload"), body.get("track")
-    chunk, timestamp = body.get("chunk"), body.get("timestamp")
-    sequence = obj.get("sequenceNumber")
-    if not (
-        type(payload) is str
-        and type(track) is str
-        and track in _TRACK_NAMES
-        and type(chunk) is str
-        and 0 < len(chunk) <= _MAX_DIGITS
-        and chunk.isdigit()
-        and chunk.isascii()
-        and type(timestamp) is str
-        and 0 < len(timestamp) <= _MAX_DIGITS
-        and timestamp.isdigit()
-        and timestamp.isascii()
-        and type(sequence) is str
-        and 0 < len(sequence) <= _MAX_DIGITS
-        and sequence.isdigit()
-        and sequence.isascii()
-    ):
-        return None
     try:
-        audio = binascii.a2b_base64(payload, strict_mode=True)
-    except (binascii.Error, ValueError):
+        message = _MEDIA.decode(text)
+    except msgspec.DecodeError:
         return None
-    return Media(_TRACK_NAMES[track], audio, int(chunk), int(timestamp), int(sequence))
+    body = message.media
+    track = _TRACK_NAMES.get(body.track)
+    if message.event != "media" or track is None:
+        return None
+    chunk, timestamp = _number(body.chunk), _number(body.timestamp)
+    sequence = _number(message.sequenceNumber)
+    if -1 in (chunk, timestamp, sequence):
+        return None
+    return Media(track, body.payload, chunk, timestamp, sequence)
+
+
+def _number(value: str | int | None) -> int | None:
+    """A whole number >= 0 from the fast path's field, None if absent, -1 if invalid."""
+    if value is None:
+        return None
+    if type(value) is int:
+        return value if 0 <= value < _LIMIT else -1
+    if type(value) is str and 0 < len(value) <= _MAX_DIGITS and value.isdigit() and value.isascii():
+        return int(value)
+    return -1
 
 
 def parse_event(obj: Mapping[str, Any], *, default_track: Track | None = None) -> Event:
