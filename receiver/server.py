@@ -158,6 +158,13 @@ class Receiver:
             self._metrics_server = None
 
     @property
+    def frames_received(self) -> int:
+        """Media frames received so far, by finished and live streams."""
+        finished = sum(v for (_, _, f), v in self.metrics.finished.items() if f == "frames")
+        live = sum(s.frames for t in self._live_tracks() for s in t.tracks.values())
+        return finished + live
+
+    @property
     def metrics_port(self) -> int | None:
         """The bound port of the separate metrics server, if there is one."""
         return int(self._metrics_server.server_port) if self._metrics_server else None
@@ -301,11 +308,12 @@ class StreamHandler:
                 match event:
                     case Media():
                         assert self.session is not None and self.fanout is not None
-                        self.counters["frames"] += 1
-                        for batch in self.session.media(event):
-                            self.fanout.write(batch.track, batch.position, batch.samples)
-                        if not self.fanout.alive:
-                            raise RecordingFailed(self.fanout.errors)
+                        batches = self.session.media(event)
+                        if batches:  # one frame in ten at 20 ms frames and 200 ms batches
+                            for batch in batches:
+                                self.fanout.write(batch.track, batch.position, batch.samples)
+                            if not self.fanout.alive:
+                                raise RecordingFailed(self.fanout.errors)
                     case Start():
                         self._start(event)
                     case Dtmf():

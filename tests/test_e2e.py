@@ -521,7 +521,7 @@ async def test_shutdown_closes_with_1001_and_finishes_files(
         for frame in messages:
             await ws.send(frame)
         async with asyncio.timeout(10):
-            while receiver.counters["frames"] < len(messages) - 2:
+            while receiver.frames_received < len(messages) - 2:
                 await asyncio.sleep(0.01)
         await receiver.shutdown(drain_timeout_s=0)
         await ws.wait_closed()
