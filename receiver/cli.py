@@ -104,9 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.set_defaults(func=_simulate)
 
+    from receiver.consume import add_consume_parser
     from receiver.streams_cli import add_streams_parser
 
     add_streams_parser(sub)
+    add_consume_parser(sub)
 
     return parser
 
@@ -226,6 +228,10 @@ async def _run_until_signal(receiver: Any) -> int:
     )
     await stop.wait()
     await receiver.shutdown()
+    if "receiver.sinks.redis_stream" in sys.modules:
+        from receiver.sinks.redis_stream import close_publishers
+
+        await asyncio.to_thread(close_publishers)
     logger.info("stopped: %d streams recorded", receiver.counters["streams"])
     return 0
 

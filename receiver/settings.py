@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -66,6 +67,17 @@ class Settings(BaseSettings):
     idle_timeout_s: float = Field(default=60.0, gt=0, le=86_400)
     max_stream_duration_s: float = Field(default=6 * 3600.0, gt=0, le=7 * 86_400)
     drain_timeout_s: float = Field(default=10.0, ge=0, le=600)
+    # The redis sink (RECEIVER_SINKS=wav,redis) and `receiver consume`: see docs/redis.md.
+    redis_url: SecretStr = SecretStr("redis://localhost:6379/0")
+    redis_prefix: str = Field(default="receiver", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    # XADD MAXLEN ~ of every key: 100000 batches of 200 ms is 5.5 hours of a track.
+    redis_maxlen: int = Field(default=100_000, ge=1_000, le=100_000_000)
+    # A finished stream's keys expire this long after its stop (0: never).
+    redis_ttl_s: float = Field(default=86_400.0, ge=0, le=365 * 86_400)
+    # Memory the receiver may hold for a slow Redis, all streams together.
+    redis_max_queued_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024, le=16 * 1024**3)
+    # How long a stream's end waits (on the event loop) for its last entries to be in Redis.
+    redis_flush_timeout_s: float = Field(default=2.0, ge=0, le=60)
     log_level: LogLevel = "INFO"
     log_format: Literal["text", "json"] = "text"
     # /metrics is served on the stream port without a token; give it a port of its own (bound
@@ -88,6 +100,13 @@ class Settings(BaseSettings):
             # RFC 6750 b64token characters; anything else could not travel in the header.
             if len(secret) < 16 or not secret.isascii() or any(c.isspace() for c in secret):
                 raise ValueError("each token needs at least 16 printable ASCII characters")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: SecretStr) -> SecretStr:
+        if urlsplit(value.get_secret_value()).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return value
 
     @field_validator("sinks", mode="before")
@@ -130,6 +149,8 @@ def load_settings(**overrides: Any) -> Settings:
         location = [str(part) for part in error["loc"] if not isinstance(part, int)]
         variable = ENV_PREFIX + location[0].upper() if location else "settings"
         value = error.get("input")
-        shown = "" if location and location[0] == "tokens" else f" (got {value!r})"
+        # Secrets are never echoed: tokens, and a Redis URL may hold a password.
+        secret = location and location[0] in ("tokens", "redis_url")
+        shown = "" if secret else f" (got {value!r})"
         message = str(error["msg"]).removeprefix("Value error, ")
         raise ConfigError(variable, f"{message}{shown}") from None

@@ -786,3 +786,31 @@ async def test_max_stream_duration_closes_a_busy_stream(
     kept = len(read_wav(directory / "inbound.wav")[0])
     assert 0.15 * 8000 <= kept <= 0.45 * 8000
     assert record_of(directory)["end"]["kind"] == "max-duration"
+
+
+class FailsOnClose(BrokenSink):
+    """A sink that takes everything but fails to finish."""
+
+    def write(self, track: Any, position: int, samples: Any) -> None:
+        pass
+
+    def close(self, summary: Any) -> None:
+        raise RuntimeError("could not confirm the last batch")
+
+
+async def test_sink_failing_at_close_is_named_in_stream_json(
+    start_receiver: StartReceiver, client_ssl: ssl.SSLContext
+) -> None:
+    """An error a sink raises while closing still reaches stream.json (wav closes last)."""
+    from receiver.sinks import WavSink
+
+    receiver = await start_receiver(
+        sink_factories=[("wav", WavSink.from_settings), ("late", lambda s: FailsOnClose())]
+    )
+    audio = PCMU.encode(np.full(1600, 300, dtype=np.int16))
+    messages = build_messages(codec=PCMU, tracks={"inbound": audio}, stream_sid="late")
+    assert (
+        await play(url(receiver), messages, token=TOKEN, ssl_context=client_ssl)
+    ).close_code == 1000
+    errors = record_of(recording(receiver, "late"))["sink_errors"]
+    assert errors == ["close: sink 'late' failed: RuntimeError: could not confirm the last batch"]

@@ -112,10 +112,15 @@ class Fanout:
             self._call(name, sink, "event", sink.event, record)
 
     def close(self, summary_for: Callable[[tuple[str, ...]], StreamSummary]) -> None:
-        """Close every sink, failed ones too; ``summary_for(errors)`` builds the summary."""
-        summary = summary_for(tuple(self.errors))
-        for name, sink in self._sinks:
-            self._call(name, sink, "close", sink.close, summary)
+        """Close every sink, failed ones too; ``summary_for(errors)`` builds the summary.
+
+        Sinks that keep the stream's record (``writes_record = True``, like ``wav`` and its
+        ``stream.json``) close last, with a summary that includes what the others raised
+        while closing.
+        """
+        ordered = sorted(self._sinks, key=lambda pair: getattr(pair[1], "writes_record", False))
+        for name, sink in ordered:
+            self._call(name, sink, "close", sink.close, summary_for(tuple(self.errors)))
 
     def _call(
         self, name: str, sink: Sink, step: str, method: Callable[[Any], None], arg: Any

@@ -90,6 +90,9 @@ def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
 class WavSink:
     """Per-track WAV files and the ``stream.json`` record of one stream."""
 
+    # Closed after the other sinks, so that stream.json names their close-time errors too.
+    writes_record = True
+
     def __init__(
         self,
         *,
