@@ -146,9 +146,9 @@ def server(
         process.wait(timeout=30)
 
 
-def load(port: int, work: Workdir, *args: str) -> dict[str, Any]:
-    """Run the load generator pinned to LOAD_CPU; return its JSON result."""
-    argv = [
+def loadgen_argv(port: int, work: Workdir, *args: str) -> list[str]:
+    """The load generator's command line, pinned to LOAD_CPU."""
+    return [
         sys.executable,
         "-m",
         "bench.loadgen",
@@ -162,6 +162,11 @@ def load(port: int, work: Workdir, *args: str) -> dict[str, Any]:
         str(LOAD_CPU),
         *args,
     ]
+
+
+def load(port: int, work: Workdir, *args: str) -> dict[str, Any]:
+    """Run the load generator; return its JSON result."""
+    argv = loadgen_argv(port, work, *args)
     out = subprocess.run(
         argv,
         cwd=Path(__file__).parent.parent,
@@ -242,18 +247,9 @@ def capacity_run(kind: str, streams: int, seconds: float) -> dict[str, Any]:
             time.sleep(0.5)
             idle_rss = rss_kib(process.pid)
             began_file = work.root / "began"
-            argv = [
-                sys.executable,
-                "-m",
-                "bench.loadgen",
-                "--port",
-                str(port),
-                "--token",
-                TOKEN,
-                "--cafile",
-                str(work.cert),
-                "--cpu",
-                str(LOAD_CPU),
+            argv = loadgen_argv(
+                port,
+                work,
                 "--mode",
                 "paced",
                 "--streams",
@@ -264,7 +260,7 @@ def capacity_run(kind: str, streams: int, seconds: float) -> dict[str, Any]:
                 kind,
                 "--began-file",
                 str(began_file),
-            ]
+            )
             loader = subprocess.Popen(
                 argv, cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, text=True
             )

@@ -205,9 +205,25 @@ def receiver_cmd(*args: str) -> list[str]:
 
 
 def env_with(**values: str) -> dict[str, str]:
+    """This process's environment without RECEIVER_* variables, plus ``values``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECEIVER_")}
     env.update(values)
     return env
+
+
+def run_receiver(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout_s: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`python -m receiver ARGS` as a user runs it; output captured, exit code not checked."""
+    return subprocess.run(
+        receiver_cmd(*args),
+        env=env if env is not None else env_with(),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
 
 
 class Served:

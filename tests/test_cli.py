@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import env_with, receiver_cmd, run
+from tests.conftest import env_with, receiver_cmd, run, run_receiver
 
 
 @pytest.mark.parametrize(
@@ -30,15 +30,7 @@ def test_invalid_setting_is_one_line_naming_the_variable(
     tmp_path: Path, variable: str, value: str
 ) -> None:
     """An invalid setting stops `serve` with exit 2 and one line that names the variable."""
-    result = subprocess.run(
-        receiver_cmd("serve"),
-        env=env_with(**{variable: value}),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_receiver("serve", cwd=tmp_path, env=env_with(**{variable: value}))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -51,14 +43,8 @@ def test_unwritable_recordings_dir_exits_2(tmp_path: Path) -> None:
     """A recordings dir that cannot be created stops start-up with one clear line."""
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    result = subprocess.run(
-        receiver_cmd("serve", "--recordings-dir", str(blocker / "recordings")),
-        env=env_with(),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    result = run_receiver(
+        "serve", "--recordings-dir", str(blocker / "recordings"), cwd=tmp_path, env=env_with()
     )
     assert result.returncode == 2
     assert "RECEIVER_RECORDINGS_DIR" in result.stderr
@@ -76,39 +62,25 @@ def test_serve_on_defaults_then_simulate_then_sigterm(served: Any, tmp_path: Pat
     assert re.search(r"SHA-256 ([0-9A-F]{2}:){31}[0-9A-F]{2}", log)
     assert (tmp_path / ".receiver" / "dev-cert.pem").is_file()
 
-    health = subprocess.run(
-        receiver_cmd("health"),
-        env=server.env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    health = run_receiver("health", cwd=tmp_path, env=server.env)
     assert health.returncode == 0, health.stderr
 
     tone = tmp_path / "tone.wav"
     run("sox", "-n", "-r", "8000", "-c", "1", "-b", "16", tone, "synth", "1", "sine", "440")
-    sim = subprocess.run(
-        receiver_cmd(
-            "simulate",
-            str(tone),
-            str(tone),
-            "--token",
-            token,
-            "--url",
-            f"wss://localhost:{server.port}/calls/1",
-            "--param",
-            "room=42",
-            "--stream-sid",
-            "cli-sim",
-        ),
-        env=server.env,
+    sim = run_receiver(
+        "simulate",
+        str(tone),
+        str(tone),
+        "--token",
+        token,
+        "--url",
+        f"wss://localhost:{server.port}/calls/1",
+        "--param",
+        "room=42",
+        "--stream-sid",
+        "cli-sim",
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+        env=server.env,
     )
     assert sim.returncode == 0, sim.stdout + sim.stderr
     assert "1000" in sim.stdout
@@ -126,15 +98,7 @@ def test_simulate_without_token_is_refused(tmp_path: Path) -> None:
     """The simulator asks for a token instead of connecting without one."""
     tone = tmp_path / "tone.wav"
     run("sox", "-n", "-r", "8000", "-c", "1", "-b", "16", tone, "synth", "0.1", "sine", "440")
-    result = subprocess.run(
-        receiver_cmd("simulate", str(tone)),
-        env=env_with(),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_receiver("simulate", str(tone), cwd=tmp_path, env=env_with())
     assert result.returncode == 2
     assert "--token" in result.stderr
 
@@ -143,15 +107,7 @@ def test_simulate_refuses_wrong_rate_with_a_sox_hint(tmp_path: Path) -> None:
     """A WAV at the wrong rate is refused with the sox command that converts it."""
     tone = tmp_path / "tone.wav"
     run("sox", "-n", "-r", "44100", "-c", "1", "-b", "16", tone, "synth", "0.1", "sine", "440")
-    result = subprocess.run(
-        receiver_cmd("simulate", str(tone), "--token", "x" * 20),
-        env=env_with(),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_receiver("simulate", str(tone), "--token", "x" * 20, cwd=tmp_path, env=env_with())
     assert result.returncode == 2
     assert "44100" in result.stderr and "sox" in result.stderr
 
@@ -179,25 +135,19 @@ def test_json_logs_carry_the_stream_sid(served: Any, tmp_path: Path, tls_files: 
     server.wait_listening()
     tone = tmp_path / "tone.wav"
     run("sox", "-n", "-r", "8000", "-c", "1", "-b", "16", tone, "synth", "0.5", "sine", "440")
-    sim = subprocess.run(
-        receiver_cmd(
-            "simulate",
-            str(tone),
-            "--token",
-            "t" * 20,
-            "--stream-sid",
-            "json-sid",
-            "--url",
-            f"wss://localhost:{server.port}/",
-            "--cafile",
-            str(tls_files.cert),
-        ),
-        env=server.env,
+    sim = run_receiver(
+        "simulate",
+        str(tone),
+        "--token",
+        "t" * 20,
+        "--stream-sid",
+        "json-sid",
+        "--url",
+        f"wss://localhost:{server.port}/",
+        "--cafile",
+        str(tls_files.cert),
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+        env=server.env,
     )
     assert sim.returncode == 0, sim.stderr
     assert server.stop() == 0

@@ -20,7 +20,7 @@ from websockets.asyncio.client import connect
 
 from receiver.codecs import CLI_CODECS, codec_for
 from receiver.simulate import build_messages
-from tests.conftest import TOKEN, TlsFiles, env_with, receiver_cmd, run
+from tests.conftest import TOKEN, TlsFiles, env_with, run, run_receiver
 
 PCMU = codec_for(CLI_CODECS["pcmu"])
 
@@ -127,15 +127,7 @@ async def test_kill_9_leaves_readable_wavs_and_repair_finishes_them(
     assert "2 stream(s) were interrupted" in log
     assert restarted.stop() == 0
 
-    result = subprocess.run(
-        receiver_cmd("repair", str(root)),
-        env=env_with(),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_receiver("repair", str(root), cwd=tmp_path, env=env_with())
     assert result.returncode == 0, result.stderr
     assert "2 interrupted stream(s) repaired" in result.stdout
     for sid in ("burst", "paced"):

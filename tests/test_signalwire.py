@@ -291,6 +291,19 @@ def test_client_repr_hides_the_token() -> None:
         ConferenceStreamsClient(project_id=PROJECT, api_token=API_TOKEN, space="evil.com/x")
 
 
+async def run_streams_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`receiver streams ARGS` in a subprocess, awaited: the test's receiver keeps serving."""
+    process = await asyncio.create_subprocess_exec(
+        *receiver_cmd("streams", *args),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return subprocess.CompletedProcess([], process.returncode, out.decode(), err.decode())
+
+
 async def test_create_record_stop_round_trip(
     fake: FakeSignalWire,
     tls_files: TlsFiles,
@@ -340,27 +353,21 @@ async def test_create_record_stop_round_trip(
         SIGNALWIRE_API_URL=fake.base_url,
         RECEIVER_TOKENS=TOKEN,
     )
-    process = await asyncio.create_subprocess_exec(
-        *receiver_cmd(
-            "streams",
-            "create",
-            "--conference",
-            CONFERENCE,
-            "--url",
-            target,
-            "--name",
-            "weekly",
-            "--param",
-            "room=42",
-            "--cafile",
-            str(tls_files.cert),
-        ),
+    created = await run_streams_cli(
+        "create",
+        "--conference",
+        CONFERENCE,
+        "--url",
+        target,
+        "--name",
+        "weekly",
+        "--param",
+        "room=42",
+        "--cafile",
+        str(tls_files.cert),
         env=environment,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await process.communicate()
-    assert process.returncode == 0, err.decode()
+    assert created.returncode == 0, created.stderr
     async with asyncio.timeout(30):
         while not played:
             await asyncio.sleep(0.05)
@@ -372,23 +379,17 @@ async def test_create_record_stop_round_trip(
     assert record["custom_parameters"] == {"room": "42"}
     assert record["path"] == "/conferences/weekly"
 
-    process = await asyncio.create_subprocess_exec(
-        *receiver_cmd(
-            "streams",
-            "stop",
-            "--conference",
-            CONFERENCE,
-            "--name",
-            "weekly",
-            "--cafile",
-            str(tls_files.cert),
-        ),
+    stopped = await run_streams_cli(
+        "stop",
+        "--conference",
+        CONFERENCE,
+        "--name",
+        "weekly",
+        "--cafile",
+        str(tls_files.cert),
         env=environment,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await process.communicate()
-    assert process.returncode == 0, err.decode()
-    assert "stopped" in out.decode()
+    assert stopped.returncode == 0, stopped.stderr
+    assert "stopped" in stopped.stdout
     (stream,) = fake.streams.values()
     assert stream["status"] == "stopped"
