@@ -4,6 +4,7 @@ the WAV files read back with soundfile and compared sample by sample with sox's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 from pathlib import Path
@@ -814,3 +815,27 @@ async def test_sink_failing_at_close_is_named_in_stream_json(
     ).close_code == 1000
     errors = record_of(recording(receiver, "late"))["sink_errors"]
     assert errors == ["close: sink 'late' failed: RuntimeError: could not confirm the last batch"]
+
+
+@pytest.mark.parametrize("stage", ["tcp", "tls"])
+async def test_handshake_timeout_drops_silent_connections(
+    start_receiver: StartReceiver, client_ssl: ssl.SSLContext, stage: str
+) -> None:
+    """A client that connects and then says nothing (before TLS, or before the HTTP upgrade)
+    is dropped after handshake_timeout_s; the server stays healthy."""
+    receiver = await start_receiver(handshake_timeout_s=0.5)
+    if stage == "tcp":
+        reader, writer = await asyncio.open_connection("127.0.0.1", receiver.port)
+    else:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", receiver.port, ssl=client_ssl, server_hostname="localhost"
+        )
+    loop = asyncio.get_running_loop()
+    opened = loop.time()
+    async with asyncio.timeout(5):
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            assert await reader.read() == b""
+    assert 0.4 <= loop.time() - opened < 3
+    writer.close()
+    assert await healthz(receiver, client_ssl) == 200
+    assert list_tree(receiver) == []
