@@ -84,7 +84,6 @@ class Receiver:
             else load_sink_factories(settings.sinks)
         )
         self.counters: Counter[str] = Counter()
-        self.active_streams = 0
         self.per_ip: Counter[str] = Counter()
         self.draining = False
         self._check_token = TokenChecker(settings.token_values)
@@ -166,6 +165,11 @@ class Receiver:
             self._metrics_server = None
 
     @property
+    def active_streams(self) -> int:
+        """Connections past the handshake whose handler still runs (files not yet finished)."""
+        return len(self._handlers)
+
+    @property
     def frames_received(self) -> int:
         """Media frames received so far, by finished and live streams."""
         finished = sum(v for (_, _, f), v in self.metrics.finished.items() if f == "frames")
@@ -190,7 +194,6 @@ class Receiver:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
-        self.active_streams += 1
         ip = peer_ip(ws)
         self.per_ip[ip] += 1
         stream = StreamHandler(self, ws)
@@ -199,7 +202,6 @@ class Receiver:
             await stream.run()
         finally:
             self._streams.discard(stream)
-            self.active_streams -= 1
             self.per_ip[ip] -= 1
             if not self.per_ip[ip]:
                 del self.per_ip[ip]
