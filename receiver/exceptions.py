@@ -106,10 +106,13 @@ class SinkError(ReceiverError):
 
 
 def truncate_utf8(text: str, max_bytes: int) -> str:
-    """Cut ``text`` to at most ``max_bytes`` of UTF-8 without splitting a character."""
+    """``text`` as valid UTF-8 of at most ``max_bytes``, cut on a character boundary.
+
+    Characters UTF-8 cannot carry (lone surrogates from client JSON) become ``?``.
+    """
     encoded = text.encode("utf-8", "replace")
     if len(encoded) <= max_bytes:
-        return text
+        return encoded.decode("utf-8")
     return encoded[: max_bytes - 3].decode("utf-8", "ignore") + "..."
 
 

@@ -115,6 +115,8 @@ def decode_json(text: str) -> dict[str, Any]:
         value = _JSON.decode(text)
     except (msgspec.DecodeError, RecursionError) as exc:
         raise MalformedMessage(f"not JSON: {str(exc)[:80]}") from None
+    except UnicodeEncodeError:  # a str holding a lone surrogate: not text that JSON can be
+        raise MalformedMessage("not JSON: the text is not valid Unicode") from None
     if not isinstance(value, dict):
         raise MalformedMessage(f"a message must be a JSON object, not {_kind(value)}")
     raw = value.get("rawEvent")
@@ -149,8 +151,8 @@ def _fast_media(text: str) -> Media | None:
     """
     try:
         message = _MEDIA.decode(text)
-    except msgspec.DecodeError:
-        return None
+    except (msgspec.DecodeError, RecursionError, UnicodeEncodeError):
+        return None  # the general path names the problem
     body = message.media
     track = _TRACK_NAMES.get(body.track)
     if message.event != "media" or track is None:

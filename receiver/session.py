@@ -91,6 +91,7 @@ class _TrackClock:
     stats: TrackStats = field(default_factory=TrackStats)
     cursor: int = 0  # next free sample position of the track
     offset: int = 0  # subtracted from timestamp positions after a clock jump
+    shift: int = 0  # where the last frame was put minus where its timestamp said (jitter)
     pending: list[bytes] = field(default_factory=list)
     pending_start: int = 0
     pending_samples: int = 0
@@ -195,14 +196,23 @@ class Session:
                 stats.gaps += 1
                 stats.silence_samples += delta
             cursor = target
+            clock.shift = 0
         elif delta < -tolerance:
-            skip = -delta
+            # Measure the overlap from where the track's last frame was put, not from its stamp:
+            # a jittered frame sent again must not write its tail twice.
+            # The shift is held to this frame's own tolerance, so that it still lands within
+            # that of its stamp (frames of other sizes have other tolerances); skip stays > 0.
+            shift = max(-tolerance, min(clock.shift, tolerance))
+            skip = -delta - shift
             if skip >= n:
                 stats.duplicate_frames += 1
                 return _NOTHING
             stats.overlap_samples_dropped += skip
             payload = payload[skip * bytes_per_sample :]
             n -= skip
+            clock.shift = shift
+        else:
+            clock.shift = cursor - target
 
         pending = clock.pending
         if not pending:
