@@ -106,12 +106,18 @@ async def test_kill_9_leaves_readable_wavs_and_repair_finishes_them(
     expected = PCMU.decode(PCMU.encode(burst_audio))
     assert len(got) >= 0.99 * len(expected)
     np.testing.assert_array_equal(got, expected[: len(got)])
+    share = len(got) / len(expected)
+    print(f"burst: {len(got)} of {len(expected)} samples readable by wave ({share:.2%})")
     # The paced stream: everything sent up to 1 s before the kill is readable.
     frames_before = sum(1 for t in sent_at if t <= killed_at - 1.0)
     assert frames_before >= 100
     for track, audio in paced_audio.items():
         got = read_strict(root / "paced" / f"{track}.wav")
         assert len(got) >= frames_before * 160, (track, len(got), frames_before * 160)
+        print(
+            f"paced {track}: {len(got)} samples readable, {len(sent_at) * 160} sent, "
+            f"{frames_before * 160} sent up to 1 s before the kill"
+        )
         np.testing.assert_array_equal(got, PCMU.decode(PCMU.encode(audio))[: len(got)])
         sox_samples = subprocess.run(
             ["soxi", "-s", str(root / "paced" / f"{track}.wav")],
