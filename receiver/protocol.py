@@ -39,6 +39,9 @@ from receiver.exceptions import (
 _MAX_DIGITS = 15
 _LIMIT = 10**_MAX_DIGITS
 _MAX_NAME_CHARS = 256
+# The platform's messages nest 3 levels deep. Deeper JSON is refused when parsed, so that the
+# record (start and stop are kept verbatim) never meets Python's recursion limit when written.
+MAX_JSON_DEPTH = 32
 _TRACK_NAMES: Mapping[str, Track] = {
     "inbound": "inbound",
     "outbound": "outbound",
@@ -119,10 +122,24 @@ def decode_json(text: str) -> dict[str, Any]:
         raise MalformedMessage("not JSON: the text is not valid Unicode") from None
     if not isinstance(value, dict):
         raise MalformedMessage(f"a message must be a JSON object, not {_kind(value)}")
+    if _nested_deeper_than(value, MAX_JSON_DEPTH):
+        raise MalformedMessage(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     raw = value.get("rawEvent")
     if "event" not in value and isinstance(raw, dict):
         value = raw
     return value
+
+
+def _nested_deeper_than(value: dict[str, Any], limit: int) -> bool:
+    """Whether containers nest deeper than ``limit`` (iterative: no recursion of its own)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        container, depth = stack.pop()
+        if depth > limit:
+            return True
+        items = container.values() if isinstance(container, dict) else container
+        stack.extend((item, depth + 1) for item in items if isinstance(item, (dict, list)))
+    return False
 
 
 class _MediaBody(msgspec.Struct):

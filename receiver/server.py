@@ -292,7 +292,7 @@ class StreamHandler:
             self.counters.update(["internal_errors"])
             self.log.exception("internal error")
         finally:
-            self._finish(end)
+            end = self._finish(end)
         if end.kind in _WE_CLOSE and end.close_code is not None:
             await self.ws.close(end.close_code, end.reason or "")
 
@@ -396,6 +396,8 @@ class StreamHandler:
             _short(",".join(start.tracks)),
         )
         self.fanout.open(self.info)
+        if not self.fanout.alive:
+            raise RecordingFailed(self.fanout.errors)
         if unsupported is not None:
             raise unsupported
         assert codec is not None
@@ -407,15 +409,23 @@ class StreamHandler:
             max_gap_s=self.settings.max_gap_s,
         )
 
-    def _finish(self, end: StreamEnd) -> None:
-        """Flush what is pending and close every sink, whatever happened before."""
+    def _finish(self, end: StreamEnd) -> StreamEnd:
+        """Flush what is pending and close every sink, whatever happened before.
+
+        Returns how the stream ended: a stop after which no sink is left is a failed recording.
+        """
         if self.fanout is None or self.info is None:
-            return
-        self.counters[f"ended_{end.kind}"] += 1
+            return end
         session, fanout = self.session, self.fanout
         if session is not None:
             for batch in session.flush():
                 fanout.write(batch.track, batch.position, batch.samples)
+        if end.kind == "stop" and not fanout.alive:
+            self.counters.update(["recording_failures"])
+            reason = truncate_utf8(str(RecordingFailed(fanout.errors)), MAX_CLOSE_REASON_BYTES)
+            self.log.error("closing with %d: %s", CLOSE_INTERNAL_ERROR, reason)
+            end = StreamEnd("error", CLOSE_INTERNAL_ERROR, reason)
+        self.counters[f"ended_{end.kind}"] += 1
         rate = self.info.start.media_format.sample_rate_hz
 
         def summary(sink_errors: tuple[str, ...]) -> StreamSummary:
@@ -448,3 +458,4 @@ class StreamHandler:
             tracks or "no audio",
             "".join(f"; {where}" for where in fanout.locations),
         )
+        return end

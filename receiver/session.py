@@ -211,6 +211,11 @@ class Session:
             payload = payload[skip * bytes_per_sample :]
             n -= skip
             clock.shift = shift
+        elif delta < 0 and -delta - clock.shift >= n:
+            # Within the allowance of the end, yet wholly behind where the last frame was put:
+            # that frame, absorbed as jitter, sent again.
+            stats.duplicate_frames += 1
+            return _NOTHING
         else:
             clock.shift = cursor - target
 

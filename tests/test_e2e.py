@@ -817,6 +817,31 @@ async def test_sink_failing_at_close_is_named_in_stream_json(
     assert errors == ["close: sink 'late' failed: RuntimeError: could not confirm the last batch"]
 
 
+class FailsOnOpen(BrokenSink):
+    """A sink that cannot even start (its storage is gone)."""
+
+    def open(self, info: Any) -> None:
+        raise OSError(13, "Permission denied")
+
+
+@pytest.mark.parametrize("sink", [FailsOnOpen, BrokenSink])
+async def test_stream_whose_only_sink_failed_ends_with_1011(
+    start_receiver: StartReceiver, client_ssl: ssl.SSLContext, sink: type[BrokenSink]
+) -> None:
+    """When no sink is left (failed at open, or at the last flush of a short stream), the stream
+    closes with 1011 and the reason, not 1000 as if it had been recorded."""
+    receiver = await start_receiver(sink_factories=[("only", lambda settings: sink())])
+    audio = PCMU.encode(np.full(400, 300, dtype=np.int16))  # 50 ms: written only at the end
+    messages = build_messages(codec=PCMU, tracks={"inbound": audio}, stream_sid="lost")
+    result = await play(url(receiver), messages, token=TOKEN, ssl_context=client_ssl)
+    assert result.close_code == 1011
+    assert "recording failed: " in (result.close_reason or "")
+    await wait_idle(receiver)
+    assert receiver.counters["recording_failures"] == 1
+    assert receiver.counters["sink_errors_only"] == 1
+    assert await healthz(receiver, client_ssl) == 200
+
+
 @pytest.mark.parametrize("stage", ["tcp", "tls"])
 async def test_handshake_timeout_drops_silent_connections(
     start_receiver: StartReceiver, client_ssl: ssl.SSLContext, stage: str

@@ -230,3 +230,24 @@ def test_oversized_custom_parameter_is_a_limit() -> None:
     with pytest.raises(LimitExceeded, match="4096"):
         StreamProtocol().receive(json.dumps(start))
     assert isinstance(StreamProtocol(max_parameter_chars=5000).receive(json.dumps(start)), Start)
+
+
+@pytest.mark.parametrize(
+    "wrap", [lambda inner: [inner], lambda inner: {"k": inner}], ids=["arrays", "objects"]
+)
+def test_json_nesting_is_bounded(wrap: Any) -> None:
+    """A start nested MAX_JSON_DEPTH levels parses and is kept verbatim; one more is 1007."""
+    from receiver.protocol import MAX_JSON_DEPTH
+
+    def start_with_extra(levels: int) -> str:
+        start = json.loads(json.dumps(SIGNALWIRE_START))
+        value: Any = "leaf"
+        for _ in range(levels - 2):  # the message and its start are two levels
+            value = wrap(value)
+        start["start"]["extra"] = value
+        return json.dumps(start)
+
+    event = StreamProtocol().receive(start_with_extra(MAX_JSON_DEPTH))
+    assert isinstance(event, Start) and "extra" in event.raw
+    with pytest.raises(MalformedMessage, match=f"deeper than {MAX_JSON_DEPTH}"):
+        StreamProtocol().receive(start_with_extra(MAX_JSON_DEPTH + 1))
