@@ -284,10 +284,7 @@ class StreamHandler:
             self.log.warning("closing with %d: %s", exc.close_code, _short(exc.reason, 160))
             end = StreamEnd("protocol-error", exc.close_code, exc.close_reason)
         except RecordingFailed as exc:
-            self.counters.update(["recording_failures"])
-            reason = truncate_utf8(str(exc), MAX_CLOSE_REASON_BYTES)
-            self.log.error("closing with %d: %s", exc.close_code, reason)
-            end = StreamEnd("error", exc.close_code, reason)
+            end = self._recording_failed(exc)
         except Exception:
             self.counters.update(["internal_errors"])
             self.log.exception("internal error")
@@ -409,6 +406,13 @@ class StreamHandler:
             max_gap_s=self.settings.max_gap_s,
         )
 
+    def _recording_failed(self, exc: RecordingFailed) -> StreamEnd:
+        """Count, log and describe the end of a stream that no sink is left to record."""
+        self.counters.update(["recording_failures"])
+        reason = truncate_utf8(str(exc), MAX_CLOSE_REASON_BYTES)
+        self.log.error("closing with %d: %s", exc.close_code, reason)
+        return StreamEnd("error", exc.close_code, reason)
+
     def _finish(self, end: StreamEnd) -> StreamEnd:
         """Flush what is pending and close every sink, whatever happened before.
 
@@ -421,10 +425,7 @@ class StreamHandler:
             for batch in session.flush():
                 fanout.write(batch.track, batch.position, batch.samples)
         if end.kind == "stop" and not fanout.alive:
-            self.counters.update(["recording_failures"])
-            reason = truncate_utf8(str(RecordingFailed(fanout.errors)), MAX_CLOSE_REASON_BYTES)
-            self.log.error("closing with %d: %s", CLOSE_INTERNAL_ERROR, reason)
-            end = StreamEnd("error", CLOSE_INTERNAL_ERROR, reason)
+            end = self._recording_failed(RecordingFailed(fanout.errors))
         self.counters[f"ended_{end.kind}"] += 1
         rate = self.info.start.media_format.sample_rate_hz
 
