@@ -3,9 +3,10 @@
     python -m bench.core [--frames 20000]
 
 Prints microseconds per frame for the whole core (protocol + session + wav sink) and, in the
-same run, the alternatives the code chose against, as ratios: json.loads with checks and base64
-in Python against msgspec's one call, a frozen dataclass event against the NamedTuple, and
-soundfile's checked write against buffer_write.
+same run, the alternatives the code chose against, as ratios: websockets' frame parser against
+``receiver.frames``, json.loads with checks and base64 in Python against msgspec's one call, a
+frozen dataclass event against the NamedTuple, and libsndfile's write and header update against
+``Pcm16Wav`` (40 files written in turn, as 20 both-track streams do).
 """
 
 from __future__ import annotations
@@ -23,13 +24,17 @@ from pathlib import Path
 
 import numpy as np
 import soundfile
+from websockets.protocol import Protocol, Side, State
 
+from bench.loadgen import media_frames
 from receiver.codecs import CLI_CODECS, codec_for
 from receiver.events import Media, Start
+from receiver.frames import TextFrames
 from receiver.protocol import StreamProtocol
 from receiver.session import Session
 from receiver.simulate import build_messages
 from receiver.sinks import Fanout, StreamInfo, WavSink
+from receiver.sinks.wav import Pcm16Wav, update_header
 
 PCMU = codec_for(CLI_CODECS["pcmu"])
 
@@ -84,6 +89,51 @@ def core(messages: list[str], directory: Path) -> float:
     return (timeit.default_timer() - started) / frames * 1e6
 
 
+def frame_parsers(frames: int) -> tuple[float, float]:
+    """Microseconds per masked media frame, in 32 KiB reads: websockets' parser, TextFrames."""
+    stream = b"".join(media_frames(frames // 2))
+    reads = [stream[i : i + 32768] for i in range(0, len(stream), 32768)]
+
+    def websockets_parse() -> None:
+        protocol = Protocol(Side.SERVER, state=State.OPEN, max_size=65536)
+        for data in reads:
+            protocol.receive_data(data)
+            protocol.events_received()
+
+    def split() -> None:
+        splitter = TextFrames(max_size=65536)
+        for data in reads:
+            splitter.feed(data)
+
+    return per_call_us(websockets_parse, 5) / frames, per_call_us(split, 5) / frames
+
+
+def wav_writers(directory: Path, files: int = 40, batches: int = 300) -> tuple[float, float]:
+    """Microseconds per 200 ms batch over ``files`` files in turn: libsndfile, Pcm16Wav."""
+    samples = (np.arange(1600) % 200).astype(np.int16)
+    sndfiles = [
+        soundfile.SoundFile(directory / f"s{i}.wav", "w", 8000, 1, "PCM_16", format="WAV")
+        for i in range(files)
+    ]
+    started = timeit.default_timer()
+    for _ in range(batches):
+        for file in sndfiles:
+            file.buffer_write(samples, dtype="int16")
+            update_header(file)
+    libsndfile = (timeit.default_timer() - started) / (files * batches) * 1e6
+    for file in sndfiles:
+        file.close()
+    own = [Pcm16Wav(directory / f"p{i}.wav", sample_rate_hz=8000) for i in range(files)]
+    started = timeit.default_timer()
+    for _ in range(batches):
+        for writer in own:
+            writer.append(samples)
+    pcm16 = (timeit.default_timer() - started) / (files * batches) * 1e6
+    for writer in own:
+        writer.close()
+    return libsndfile, pcm16
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=20_000)
@@ -123,8 +173,14 @@ def main() -> None:
         checked = per_call_us(lambda: file.write(samples), 5000)
         raw = per_call_us(lambda: file.buffer_write(samples, dtype="int16"), 5000)
         file.close()
+        libsndfile, pcm16 = wav_writers(Path(tmp))
+    websockets_frame, split_frame = frame_parsers(4000)
     decode = per_call_us(lambda: base64.b64decode(payload), n)
     print(f"core (protocol + session + wav sink): {whole:.2f} us/frame (best of 3)")
+    print(
+        f"frame parsing, media frame: websockets {websockets_frame:.2f} us; TextFrames "
+        f"{split_frame:.2f} us; ratio {websockets_frame / split_frame:.2f}"
+    )
     print(
         f"StreamProtocol.receive, media frame: {receive:.2f} us; json.loads + checks + "
         f"base64: {stdlib:.2f} us; ratio {stdlib / receive:.2f}"
@@ -136,6 +192,10 @@ def main() -> None:
     print(
         f"200 ms batch to WAV: buffer_write {raw:.2f} us; write {checked:.2f} us; "
         f"ratio {checked / raw:.2f}"
+    )
+    print(
+        f"200 ms batch to WAV, 40 files in turn: libsndfile write + header {libsndfile:.2f} us; "
+        f"Pcm16Wav {pcm16:.2f} us; ratio {libsndfile / pcm16:.2f}"
     )
     print(f"(base64 of one frame alone: {decode:.2f} us)")
 

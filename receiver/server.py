@@ -24,6 +24,7 @@ from websockets.exceptions import ConnectionClosed
 
 from receiver.auth import TokenChecker, make_gate, peer_ip, redact_websockets_logs
 from receiver.codecs import codec_for
+from receiver.connection import StreamConnection
 from receiver.events import Connected, Dtmf, Mark, Media, Start, Stop, UnknownEvent
 from receiver.exceptions import (
     CLOSE_GOING_AWAY,
@@ -129,6 +130,10 @@ class Receiver:
             self._metrics_server, _ = start_wsgi_server(
                 s.metrics_port, addr=s.metrics_host, registry=self.metrics.registry
             )
+
+        class Connection(StreamConnection):
+            max_message_bytes = s.max_message_bytes
+
         self._server = await serve(
             self._handle,
             s.host,
@@ -139,6 +144,7 @@ class Receiver:
             compression=None,
             open_timeout=s.handshake_timeout_s,
             server_header="receiver",
+            create_connection=Connection,
         )
 
     async def shutdown(self, *, drain_timeout_s: float | None = None) -> None:
@@ -191,6 +197,7 @@ class Receiver:
         self._cut_drain.set()
 
     async def _handle(self, ws: ServerConnection) -> None:
+        assert isinstance(ws, StreamConnection)
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
@@ -254,7 +261,7 @@ class Watchdog:
 class StreamHandler:
     """One connection's life: read messages until the stream ends, always closing the sinks."""
 
-    def __init__(self, receiver: Receiver, ws: ServerConnection) -> None:
+    def __init__(self, receiver: Receiver, ws: StreamConnection) -> None:
         self.receiver = receiver
         self.settings = receiver.settings
         self.counters = receiver.counters
@@ -295,10 +302,12 @@ class StreamHandler:
 
     async def _read(self) -> StreamEnd:
         watchdog = Watchdog(self, asyncio.get_running_loop())
+        if self.ws.take_over():
+            self.counters["streams_fast_path"] += 1
         try:
             while True:
                 try:
-                    message = await self.ws.recv()
+                    messages = await self.ws.recv_many()
                 except ConnectionClosed as exc:
                     return self._closed(exc)
                 except asyncio.CancelledError:
@@ -310,39 +319,47 @@ class StreamHandler:
                     self.counters.update([watchdog.expired.kind.replace("-", "_")])
                     self.log.warning("closing: %s", watchdog.expired.reason)
                     return watchdog.expired
-                self.messages += 1
-                event = self.protocol.receive(message)
-                match event:
-                    case Media():
-                        assert self.session is not None and self.fanout is not None
-                        batches = self.session.media(event)
-                        if batches:  # one frame in ten at 20 ms frames and 200 ms batches
-                            for batch in batches:
-                                self.fanout.write(batch.track, batch.position, batch.samples)
-                            if not self.fanout.alive:
-                                raise RecordingFailed(self.fanout.errors)
-                    case Start():
-                        self._start(event)
-                    case Dtmf():
-                        assert self.session is not None and self.fanout is not None
-                        self.fanout.event(self.session.on_dtmf(event))
-                    case Mark():
-                        assert self.session is not None and self.fanout is not None
-                        self.fanout.event(self.session.on_mark(event))
-                    case Stop():
-                        self.log.info("stop received")
-                        return StreamEnd("stop", None, None)
-                    case Connected():
-                        pass
-                    case UnknownEvent(name=name):
-                        self.counters["unknown_events"] += 1
-                        if name not in self.unknown_events and len(self.unknown_events) < 32:
-                            self.unknown_events[name] = None
-                            self.log.info("skipping unknown event %r", _short(name))
-                    case _:
-                        assert_never(event)
+                end = self._on_messages(messages)
+                if end is not None:
+                    return end
         finally:
             watchdog.cancel()
+
+    def _on_messages(self, messages: Sequence[str | bytes]) -> StreamEnd | None:
+        """Parse, place and write a batch of messages; the end of the stream if one ends it."""
+        for message in messages:
+            self.messages += 1
+            event = self.protocol.receive(message)
+            match event:
+                case Media():
+                    assert self.session is not None and self.fanout is not None
+                    batches = self.session.media(event)
+                    if batches:  # one frame in ten at 20 ms frames and 200 ms batches
+                        for batch in batches:
+                            self.fanout.write(batch.track, batch.position, batch.samples)
+                        if not self.fanout.alive:
+                            raise RecordingFailed(self.fanout.errors)
+                case Start():
+                    self._start(event)
+                case Dtmf():
+                    assert self.session is not None and self.fanout is not None
+                    self.fanout.event(self.session.on_dtmf(event))
+                case Mark():
+                    assert self.session is not None and self.fanout is not None
+                    self.fanout.event(self.session.on_mark(event))
+                case Stop():
+                    self.log.info("stop received")
+                    return StreamEnd("stop", None, None)
+                case Connected():
+                    pass
+                case UnknownEvent(name=name):
+                    self.counters["unknown_events"] += 1
+                    if name not in self.unknown_events and len(self.unknown_events) < 32:
+                        self.unknown_events[name] = None
+                        self.log.info("skipping unknown event %r", _short(name))
+                case _:
+                    assert_never(event)
+        return None
 
     def _closed(self, exc: ConnectionClosed) -> StreamEnd:
         sent, rcvd = exc.sent, exc.rcvd

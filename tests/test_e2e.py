@@ -567,6 +567,29 @@ async def test_invalid_utf8_text_frame_is_1007(
     assert record_of(recording(receiver, "utf8"))["end"]["close_code"] == 1007
 
 
+async def test_pings_are_answered_on_the_fast_frame_path(
+    receiver: Receiver, client_ssl: ssl.SSLContext
+) -> None:
+    """Pings between media frames get their pongs while the receiver splits the frames itself,
+    and the recording is sample-exact."""
+    audio = PCMU.encode(np.arange(-8000, 8000, 2, dtype=np.int16))
+    messages = build_messages(codec=PCMU, tracks={"inbound": audio}, stream_sid="pings")
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with connect(url(receiver), ssl=client_ssl, additional_headers=headers) as ws:
+        for number, message in enumerate(messages):
+            await ws.send(message)
+            if number % 10 == 5:
+                async with asyncio.timeout(10):
+                    await (await ws.ping(f"ping {number}"))
+        async with asyncio.timeout(10):
+            await ws.wait_closed()
+    assert ws.close_code == 1000
+    await wait_idle(receiver)
+    samples, _ = read_wav(recording(receiver, "pings") / "inbound.wav")
+    np.testing.assert_array_equal(samples, PCMU.decode(audio))
+    assert receiver.counters["streams_fast_path"] == 1
+
+
 async def test_idle_stream_is_closed_and_recorded(
     start_receiver: StartReceiver, client_ssl: ssl.SSLContext
 ) -> None:

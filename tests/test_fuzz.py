@@ -57,6 +57,7 @@ from receiver.exceptions import (
     UnexpectedMessage,
     UnsupportedMedia,
 )
+from receiver.frames import TextFrames
 from receiver.protocol import MAX_JSON_DEPTH, StreamProtocol
 from receiver.session import AudioBatch, Session, TrackStats
 
@@ -68,7 +69,7 @@ FUZZ_TOTAL = int(os.environ.get("RECEIVER_FUZZ_EXAMPLES") or 0)
 FUZZ_REPORT = os.environ.get("RECEIVER_FUZZ_REPORT")
 # Properties decorated with @fuzz below; scripts/fuzz checks the measured total, so a property
 # added without updating this number only shifts each one's share.
-PROPERTIES = 15
+PROPERTIES = 16
 
 if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
     # Hypothesis caches (unicode tables, constants) outside the repository; no example database.
@@ -1715,3 +1716,150 @@ async def test_deeply_nested_start_is_recorded_or_refused(start_receiver: Any) -
         assert await send(depth) == (1007, None), depth
     assert receiver.counters["sink_errors"] == 0
     assert receiver.counters["internal_errors"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The frame splitter against websockets' own parser: any stream of frames, cut anywhere, gives
+# the same messages, the same control frames, the same answers and the same end.
+
+SPLIT_MAX_SIZE = 1024
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+@st.composite
+def client_frame(draw: st.DrawFn) -> bytes:
+    """One frame as a client may send it, or almost: mostly right, sometimes each way wrong."""
+    kind = draw(
+        st.sampled_from(
+            ["text"] * 6
+            + ["text-long", "invalid-utf8", "binary", "ping", "pong", "close", "fragments"]
+            + ["unmasked", "reserved-bits", "reserved-opcode", "too-big", "control-too-big"]
+        )
+    )
+    fin, rsv, opcode, masked = True, 0, OP_TEXT, True
+    payload = draw(st.text(max_size=40)).encode()
+    if kind == "text-long":
+        payload = b"x" * draw(st.sampled_from([125, 126, 127, 1000, SPLIT_MAX_SIZE]))
+    elif kind == "invalid-utf8":
+        payload = draw(st.sampled_from([b"\xff", b"ok\xc3\x28", b"\xed\xa0\x80", b"\xe2\x82"]))
+    elif kind == "binary":
+        opcode, payload = OP_BINARY, draw(st.binary(max_size=20))
+    elif kind in ("ping", "pong"):
+        opcode = OP_PING if kind == "ping" else OP_PONG
+        payload = draw(st.binary(max_size=125))
+    elif kind == "close":
+        opcode, payload = OP_CLOSE, draw(st.sampled_from([b"", b"\x03\xe8", b"\x03\xe8bye"]))
+    elif kind == "fragments":
+        first = draw(st.text(max_size=10)).encode()
+        return build_frame(False, 0, OP_TEXT, True, first, draw) + build_frame(
+            True, 0, OP_CONT, True, payload, draw
+        )
+    elif kind == "unmasked":
+        masked = False
+    elif kind == "reserved-bits":
+        rsv = draw(st.sampled_from([0x40, 0x20, 0x10]))
+    elif kind == "reserved-opcode":
+        opcode = draw(st.sampled_from([0x3, 0x7, 0xB, 0xF]))
+    elif kind == "too-big":
+        payload = b"y" * (SPLIT_MAX_SIZE + 1)
+    elif kind == "control-too-big":
+        opcode, payload = draw(st.sampled_from([OP_PING, OP_PONG])), b"z" * 126
+    if draw(st.integers(0, 20)) == 0:
+        fin = False
+    return build_frame(fin, rsv, opcode, masked, payload, draw)
+
+
+def build_frame(
+    fin: bool, rsv: int, opcode: int, masked: bool, payload: bytes, draw: st.DrawFn
+) -> bytes:
+    """RFC 6455 framing; the length in its shortest form or, sometimes, a longer one."""
+    size = len(payload)
+    form = draw(st.sampled_from(["short"] * 4 + ["16", "64"]))
+    if size < 126 and form == "short":
+        length = bytes([size])
+    elif size < 65536 and form != "64":
+        length = bytes([126]) + size.to_bytes(2, "big")
+    else:
+        length = bytes([127]) + size.to_bytes(8, "big")
+    head = bytes([(0x80 if fin else 0) | rsv | opcode, length[0] | (0x80 if masked else 0)])
+    if not masked:
+        return head + length[1:] + payload
+    key = draw(st.binary(min_size=4, max_size=4))
+    body = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    return head + length[1:] + key + body
+
+
+def websockets_view(protocol: Any, events: list[Any]) -> tuple[list[Any], list[Any], Any]:
+    """Messages as recv() would return them (up to a text frame that is not UTF-8, where
+    websockets fails the connection), control frames, and how the protocol ended."""
+    messages: list[Any] = []
+    control: list[tuple[int, bytes]] = []
+    parts: list[Any] = []
+    broken = False
+    for frame in events:
+        if frame.opcode.value >= OP_CLOSE:
+            control.append((frame.opcode.value, bytes(frame.data)))
+            continue
+        parts.append(frame)
+        if not frame.fin or broken:
+            continue
+        data = b"".join(bytes(f.data) for f in parts)
+        if parts[0].opcode.value == OP_TEXT:
+            try:
+                messages.append(data.decode())
+            except UnicodeDecodeError:
+                messages.append("<invalid utf-8>")
+                broken = True
+        else:
+            messages.append(data)
+        parts = []
+    ending = (
+        protocol.state,
+        type(protocol.parser_exc).__name__ if protocol.parser_exc else None,
+        protocol.close_sent,
+        protocol.close_rcvd,
+        b"".join(protocol.data_to_send()),
+    )
+    return messages, control, ending
+
+
+def make_websockets_parser() -> Any:
+    from websockets.protocol import Protocol, Side, State
+
+    return Protocol(Side.SERVER, state=State.OPEN, max_size=SPLIT_MAX_SIZE)
+
+
+@given(st.lists(client_frame(), max_size=12), st.data())
+@fuzz
+def test_text_frames_split_as_websockets_parses(frames: list[bytes], data: st.DataObject) -> None:
+    """TextFrames plus websockets for what it hands on equals websockets alone, for any frames
+    cut into any reads: messages, pings and pongs, answers sent, close and errors."""
+    stream = b"".join(frames)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    reads = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+
+    alone = make_websockets_parser()
+    alone_events: list[Any] = []
+    for chunk in reads:
+        alone.receive_data(chunk)
+        alone_events += alone.events_received()
+
+    splitter: TextFrames | None = TextFrames(max_size=SPLIT_MAX_SIZE)
+    behind = make_websockets_parser()
+    fast: list[str] = []
+    behind_events: list[Any] = []
+    for chunk in reads:
+        if splitter is None:
+            behind.receive_data(chunk)
+        else:
+            split = splitter.feed(chunk)
+            fast += split.messages
+            for frame in split.control:
+                behind.receive_data(frame)
+            if split.handback is not None:
+                splitter = None
+                behind.receive_data(split.handback)
+        behind_events += behind.events_received()
+
+    messages, control, ending = websockets_view(behind, behind_events)
+    assert (fast + messages, control, ending) == websockets_view(alone, alone_events)
