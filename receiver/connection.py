@@ -2,17 +2,18 @@
 
 ``StreamConnection`` is websockets' ``ServerConnection`` (handshake, auth hooks, keepalive,
 close handshake, errors) until its handler calls ``take_over()``. From then on its bytes go
-through ``receiver.frames.TextFrames`` and the handler gets every text message a read brought
-in one ``recv_many()`` call; pings, pongs and whatever the splitter hands back still go to
-websockets, which carries on as if it had parsed every frame itself. Measured by
-``bench.run overhead``, see ``bench/README.md``.
+through ``receiver.frames.TextFrames``, and ``consume()`` hands every text message a read
+brought to the handler's consumer straight from ``data_received``: no task wake-up a read,
+which is most of a frame's cost when the platform sends one frame a read (20 ms apart). Pings,
+pongs and whatever the splitter hands back still go to websockets, which carries on as if it
+had parsed every frame itself. Measured by ``bench.run``, see ``bench/README.md``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
@@ -20,9 +21,14 @@ from websockets.typing import Data
 
 from receiver.frames import TextFrames
 
-# Reading pauses while this much received text waits for the handler (websockets' own queue
-# pauses at 16 messages): a bound on each connection's memory when the handler falls behind.
+# Reading pauses while this much received text waits for the consumer (websockets' own queue
+# pauses at 16 messages): a bound on each connection's memory when the handler is not reading.
 _PAUSE_AT_BYTES = 256 * 1024
+
+T = TypeVar("T")
+# What a consumer says after a batch: None to go on, anything else ends consume() with it.
+Consumer = Callable[[Sequence[Data]], T | None]
+_HANDED_BACK: Any = object()
 
 
 class StreamConnection(ServerConnection):
@@ -36,7 +42,8 @@ class StreamConnection(ServerConnection):
         self._frames: TextFrames | None = None
         self._ready: list[str] = []
         self._ready_bytes = 0
-        self._waiter: asyncio.Future[None] | None = None
+        self._consumer: Consumer[Any] | None = None
+        self._outcome: asyncio.Future[Any] | None = None
         self._reading_paused = False
 
     def take_over(self) -> bool:
@@ -45,7 +52,7 @@ class StreamConnection(ServerConnection):
         That is when the connection is open and websockets holds no byte and no message yet,
         which is how the platform's first message finds it. Otherwise (a client that sent before
         the handshake's response, a websockets without these attributes) websockets keeps the
-        stream and ``recv_many`` returns its messages one by one. Returns whether it took over.
+        stream and ``consume`` takes its messages one by one. Returns whether it took over.
         """
         buffered = getattr(getattr(self.protocol, "reader", None), "buffer", None)
         queued = getattr(self.recv_messages, "frames", None)
@@ -60,25 +67,36 @@ class StreamConnection(ServerConnection):
         self._frames = TextFrames(max_size=self.max_message_bytes)
         return True
 
-    async def recv_many(self) -> Sequence[Data]:
-        """The messages received since the last call, in order, at least one.
+    async def consume(self, consumer: Consumer[T]) -> T:
+        """Give every message, in order, to ``consumer`` until it returns something; return that.
 
-        Raises ``ConnectionClosed`` once the connection has ended and every message before the
-        end was returned, as ``recv()`` does.
+        On the fast path the consumer runs inside ``data_received``, with all that one read
+        brought; otherwise (websockets' path, or after the splitter handed back) one message at a
+        time from ``recv()``. What the consumer raises is raised here, and so is
+        ``ConnectionClosed`` once every message before the end was consumed.
         """
-        while not self._ready and self._frames is not None:
-            self._waiter = self.loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        if self._ready:
-            ready, self._ready, self._ready_bytes = self._ready, [], 0
-            if self._reading_paused:
-                self._reading_paused = False
-                self.transport.resume_reading()
-            return ready
-        return [await self.recv()]
+        while True:
+            if self._ready:
+                ready, self._ready, self._ready_bytes = self._ready, [], 0
+                if self._reading_paused:
+                    self._reading_paused = False
+                    self.transport.resume_reading()
+                end = consumer(ready)
+                if end is not None:
+                    return end
+            elif self._frames is not None:
+                self._outcome = self.loop.create_future()
+                self._consumer = consumer
+                try:
+                    outcome = await self._outcome
+                finally:
+                    self._consumer = self._outcome = None
+                if outcome is not _HANDED_BACK:
+                    return outcome  # type: ignore[no-any-return]
+            else:
+                end = consumer([await self.recv()])
+                if end is not None:
+                    return end
 
     def data_received(self, data: bytes) -> None:
         frames = self._frames
@@ -91,12 +109,21 @@ class StreamConnection(ServerConnection):
         if split.handback is not None:
             self._hand_back(split.handback)
         if split.messages:
-            self._ready.extend(split.messages)
-            self._ready_bytes += len(data)
-            if self._ready_bytes > _PAUSE_AT_BYTES and not self._reading_paused:
-                self._reading_paused = True
-                self.transport.pause_reading()
-            self._wake()
+            consumer, outcome = self._consumer, self._outcome
+            if consumer is not None and outcome is not None and not outcome.done():
+                try:
+                    end = consumer(split.messages)
+                except Exception as exc:  # noqa: BLE001 - raised in consume(), in the handler
+                    outcome.set_exception(exc)
+                else:
+                    if end is not None:
+                        outcome.set_result(end)
+            else:  # nobody consuming right now: kept, in order, for consume()
+                self._ready.extend(split.messages)
+                self._ready_bytes += len(data)
+                if self._ready_bytes > _PAUSE_AT_BYTES and not self._reading_paused:
+                    self._reading_paused = True
+                    self.transport.pause_reading()
 
     def eof_received(self) -> None:
         if self._frames is not None:  # an incomplete frame is websockets' to report
@@ -109,12 +136,12 @@ class StreamConnection(ServerConnection):
         self._wake()
 
     def _hand_back(self, data: bytes) -> None:
-        """websockets parses everything from ``data`` on; ``recv_many`` goes to it when done."""
+        """websockets parses everything from ``data`` on; ``consume`` goes on with it."""
         self._frames = None
         if data:
             super().data_received(data)
         self._wake()
 
     def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        if self._outcome is not None and not self._outcome.done():
+            self._outcome.set_result(_HANDED_BACK)

@@ -305,28 +305,27 @@ class StreamHandler:
         if self.ws.take_over():
             self.counters["streams_fast_path"] += 1
         try:
-            while True:
-                try:
-                    messages = await self.ws.recv_many()
-                except ConnectionClosed as exc:
-                    return self._closed(exc)
-                except asyncio.CancelledError:
-                    if watchdog.expired is None:
-                        raise
-                    task = asyncio.current_task()
-                    assert task is not None
-                    task.uncancel()
-                    self.counters.update([watchdog.expired.kind.replace("-", "_")])
-                    self.log.warning("closing: %s", watchdog.expired.reason)
-                    return watchdog.expired
-                end = self._on_messages(messages)
-                if end is not None:
-                    return end
+            return await self.ws.consume(self._on_messages)
+        except ConnectionClosed as exc:
+            return self._closed(exc)
+        except asyncio.CancelledError:
+            if watchdog.expired is None:
+                raise
+            task = asyncio.current_task()
+            assert task is not None
+            task.uncancel()
+            self.counters.update([watchdog.expired.kind.replace("-", "_")])
+            self.log.warning("closing: %s", watchdog.expired.reason)
+            return watchdog.expired
         finally:
             watchdog.cancel()
 
     def _on_messages(self, messages: Sequence[str | bytes]) -> StreamEnd | None:
-        """Parse, place and write a batch of messages; the end of the stream if one ends it."""
+        """Parse, place and write a batch of messages; the end of the stream if one ends it.
+
+        Called by the connection, from its ``data_received`` on the fast path: it must not
+        block, and what it raises ends the stream as if raised in ``run``.
+        """
         for message in messages:
             self.messages += 1
             event = self.protocol.receive(message)
