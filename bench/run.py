@@ -6,11 +6,12 @@
     python -m bench.run smoke        # seconds; what the test suite runs
 
 overhead: the server process's CPU time per frame (utime+stime from /proc), for (a) the
-receiver with its wav sink, (b) a bare websockets server with the same TLS and token check
-(the floor), (c) a tutorial-style recorder, alternated over the rounds, server and load pinned
-to different CPUs. capacity: K both-track streams paced in real time with the server pinned to
-one CPU: CPU use, whether real time held, whether every sample reached its file, frame-to-disk
-lag, RSS per stream.
+receiver with its wav sink (on uvloop, as deployed; "receiver-asyncio" is the same on asyncio's
+loop), (b) a bare websockets server with the same TLS and token check (the floor), (c) a
+tutorial-style recorder, alternated over the rounds, server and load pinned to different CPUs.
+capacity: K both-track streams paced in real time with the server pinned to one CPU: CPU use,
+whether real time held, whether every sample reached its file, frame-to-disk lag, RSS per
+stream; the same K against receiver-asyncio and the floor, for scale.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from receiver import tls
 TOKEN = "bench-token-0123456789abcdef"  # noqa: S105 - a throwaway token on loopback
 SERVER_CPU, LOAD_CPU = 0, 1
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-SERVERS = ("receiver", "floor", "tutorial")
+SERVERS = ("receiver", "receiver-asyncio", "floor", "tutorial")
+RECEIVERS = ("receiver", "receiver-asyncio")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -87,7 +89,7 @@ def server(
     port = free_port()
     recordings.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECEIVER_")}
-    if kind == "receiver":
+    if kind in RECEIVERS:
         argv = [sys.executable, "-m", "receiver", "serve"]
         env.update(
             RECEIVER_PORT=str(port),
@@ -100,6 +102,7 @@ def server(
             RECEIVER_MAX_CONNECTIONS_PER_IP="10000",
             RECEIVER_LOG_LEVEL="WARNING",
             RECEIVER_DRAIN_TIMEOUT_S="0",
+            RECEIVER_EVENT_LOOP="uvloop" if kind == "receiver" else "asyncio",
         )
     elif kind == "floor":
         argv = [
@@ -211,22 +214,26 @@ def overhead(rounds: int, streams: int, frames: int) -> dict[str, Any]:
                     time.sleep(0.3)
                     spent = cpu_seconds(process.pid) - before
                 per_frame[kind].append(spent / total * 1e6)
-                if kind == "receiver":
+                if kind in RECEIVERS:
                     lengths = wav_lengths(recordings)
                     if len(lengths) != 2 * streams or set(lengths) != {frames * 160}:
                         invalid += 1
                     if result["closed_by_server"] != streams:
                         invalid += 1
                 shutil.rmtree(recordings, ignore_errors=True)
-    a_b = [a / b for a, b in zip(per_frame["receiver"], per_frame["floor"], strict=True)]
-    c_a = [c / a for c, a in zip(per_frame["tutorial"], per_frame["receiver"], strict=True)]
+
+    def ratios(top: str, bottom: str) -> dict[str, float]:
+        return spread([t / b for t, b in zip(per_frame[top], per_frame[bottom], strict=True)])
+
     return {
         "streams": streams,
         "frames_per_round": total,
         "rounds": rounds,
         "us_per_frame": {k: [round(v, 2) for v in vs] for k, vs in per_frame.items()},
-        "receiver_over_floor": spread(a_b),
-        "tutorial_over_receiver": spread(c_a),
+        "receiver_over_floor": ratios("receiver", "floor"),
+        "tutorial_over_receiver": ratios("tutorial", "receiver"),
+        "receiver_asyncio_over_floor": ratios("receiver-asyncio", "floor"),
+        "receiver_over_receiver_asyncio": ratios("receiver", "receiver-asyncio"),
         "invalid_receiver_rounds": invalid,
     }
 
@@ -275,7 +282,7 @@ def capacity_run(kind: str, streams: int, seconds: float) -> dict[str, Any]:
             while loader.poll() is None and time.time() < began + seconds - 0.5:
                 time.sleep(0.5)
                 rss.append(rss_kib(process.pid))
-                if kind != "receiver":
+                if kind not in RECEIVERS:
                     continue
                 if not sampled:
                     sampled = sorted(recordings.glob("*/inbound.wav"))[:: max(1, streams // 20)]
@@ -320,7 +327,7 @@ def capacity_run(kind: str, streams: int, seconds: float) -> dict[str, Any]:
         and sent["closed_by_server"] == streams
         and every_sample
         and utilization < 1.0
-        and (kind != "receiver" or result.get("lag_ms_p99", 0) <= 300)
+        and (kind not in RECEIVERS or result.get("lag_ms_p99", 0) <= 300)
     )
     return result
 
@@ -331,14 +338,18 @@ def holds(run: dict[str, Any]) -> bool:
 
 
 def capacity(tracks: int, seconds: float, search: bool) -> dict[str, Any]:
-    """The run at ``tracks``, then (with search) larger K until one fails."""
-    runs = [capacity_run("receiver", tracks // 2, seconds)]
+    """The run at ``tracks`` (and the same K against receiver-asyncio and the floor, which
+    show how fast this machine is), then (with search) larger K until one fails."""
+    runs = [capacity_run(kind, tracks // 2, seconds) for kind in (*RECEIVERS, "floor")]
+    last = runs[0]
+    held = [last["tracks"]] if holds(last) else []
     if search:
         streams = tracks // 2
-        while holds(runs[-1]) and streams < 2000:
+        while holds(last) and streams < 2000:
             streams += 250
-            runs.append(capacity_run("receiver", streams, seconds))
-    held = [r["tracks"] for r in runs if holds(r)]
+            last = capacity_run("receiver", streams, seconds)
+            runs.append(last)
+            held += [last["tracks"]] if holds(last) else []
     return {"runs": runs, "largest_tracks_held": max(held, default=0)}
 
 
@@ -389,6 +400,8 @@ def markdown(results: dict[str, Any]) -> str:
                 for name, key in (
                     ("receiver / floor", "receiver_over_floor"),
                     ("tutorial / receiver", "tutorial_over_receiver"),
+                    ("receiver-asyncio / floor", "receiver_asyncio_over_floor"),
+                    ("receiver / receiver-asyncio", "receiver_over_receiver_asyncio"),
                 )
             ),
             f"\nreceiver rounds with a missing sample: {o['invalid_receiver_rounds']}",

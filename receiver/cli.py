@@ -13,6 +13,7 @@ import secrets
 import signal
 import sys
 import tempfile
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +145,22 @@ def _serve(args: argparse.Namespace) -> int:
     from receiver.server import Receiver
 
     receiver = Receiver(settings, ssl_context=ssl_context, sink_factories=sink_factories)
-    return asyncio.run(_run_until_signal(receiver))
+    return _event_loop_runner(settings.event_loop)(_run_until_signal(receiver))
+
+
+def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, int]], int]:
+    """``uvloop.run`` for "uvloop", and for "auto" when uvloop is installed; else asyncio's."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise ConfigError(
+                    "RECEIVER_EVENT_LOOP", "uvloop is not installed (pip install '.[uvloop]')"
+                ) from None
+        else:
+            return uvloop.run
+    return asyncio.run
 
 
 def _server_tls(settings: Settings) -> Any:
@@ -219,12 +235,13 @@ async def _run_until_signal(receiver: Any) -> int:
         return 1
     s = receiver.settings
     logger.info(
-        "listening on %s://%s:%d/ (health: /healthz), %d token(s), recordings in %s",
+        "listening on %s://%s:%d/ (health: /healthz), %d token(s), recordings in %s, %s loop",
         "ws" if receiver.ssl_context is None else "wss",
         s.host,
         receiver.port,
         len(s.tokens),
         s.recordings_dir.resolve(),
+        "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio",
     )
     await stop.wait()
     await receiver.shutdown()

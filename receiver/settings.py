@@ -21,6 +21,7 @@ ENV_PREFIX = "RECEIVER_"
 ByteOrder = Literal["little", "big"]
 SampleFormat = Literal["pcm16", "native"]
 FileFormat = Literal["wav", "flac"]
+EventLoop = Literal["auto", "asyncio", "uvloop"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
@@ -66,6 +67,9 @@ class Settings(BaseSettings):
     handshake_timeout_s: float = Field(default=10.0, gt=0, le=600)
     idle_timeout_s: float = Field(default=60.0, gt=0, le=86_400)
     max_stream_duration_s: float = Field(default=6 * 3600.0, gt=0, le=7 * 86_400)
+    # `receiver serve`'s event loop: uvloop when installed (`pip install '.[uvloop]'`), whose
+    # TLS reads cost less CPU a frame than asyncio's (bench/README.md); "asyncio" to opt out.
+    event_loop: EventLoop = "auto"
     drain_timeout_s: float = Field(default=10.0, ge=0, le=600)
     # The redis sink (RECEIVER_SINKS=wav,redis) and `receiver consume`: see docs/redis.md.
     redis_url: SecretStr = SecretStr("redis://localhost:6379/0")

@@ -28,8 +28,10 @@ def test_bench_smoke_runs_and_every_sample_lands() -> None:
     results = json.loads(result.stdout.strip().splitlines()[-1])
     overhead = results["overhead"]
     assert overhead["invalid_receiver_rounds"] == 0
-    assert set(overhead["us_per_frame"]) == {"receiver", "floor", "tutorial"}
-    (run,) = results["capacity"]["runs"]
-    assert run["every_sample_on_disk"] is True
-    assert run["tracks"] == 10
+    assert set(overhead["us_per_frame"]) == {"receiver", "receiver-asyncio", "floor", "tutorial"}
+    runs = {run["server"]: run for run in results["capacity"]["runs"]}
+    assert set(runs) == {"receiver", "receiver-asyncio", "floor"}
+    for run in runs.values():
+        assert run["every_sample_on_disk"] is True
+        assert run["tracks"] == 10
     assert "| receiver / floor |" in result.stdout

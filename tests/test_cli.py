@@ -121,6 +121,17 @@ def test_insecure_ws_says_so(served: Any) -> None:
     assert server.stop() == 0
 
 
+@pytest.mark.parametrize(
+    ("choice", "loop"), [("auto", "uvloop"), ("uvloop", "uvloop"), ("asyncio", "asyncio")]
+)
+def test_event_loop_setting(served: Any, choice: str, loop: str) -> None:
+    """`serve` runs on uvloop when it is installed (the [dev] extras install it), or on
+    asyncio's loop when RECEIVER_EVENT_LOOP=asyncio, and says which."""
+    server = served(RECEIVER_EVENT_LOOP=choice, RECEIVER_INSECURE_WS="true")
+    assert f"{loop} loop" in server.wait_listening()
+    assert server.stop() == 0
+
+
 def test_json_logs_carry_the_stream_sid(served: Any, tmp_path: Path, tls_files: Any) -> None:
     """With RECEIVER_LOG_FORMAT=json every line is JSON; stream lines carry stream_sid, and the
     last one says where the files are."""
