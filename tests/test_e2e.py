@@ -590,6 +590,37 @@ async def test_pings_are_answered_on_the_fast_frame_path(
     assert receiver.counters["streams_fast_path"] == 1
 
 
+async def test_frames_sent_with_the_handshake_stay_with_websockets(
+    receiver: Receiver, client_ssl: ssl.SSLContext
+) -> None:
+    """A client that sends its frames in the same write as its upgrade request (before the
+    101) is read by websockets alone, frame by frame, and recorded sample-exact."""
+    from websockets.frames import Frame, Opcode
+
+    audio = PCMU.encode(np.arange(-4000, 4000, 2, dtype=np.int16))
+    messages = build_messages(codec=PCMU, tracks={"inbound": audio}, stream_sid="eager")
+    frames = b"".join(Frame(Opcode.TEXT, m.encode()).serialize(mask=True) for m in messages)
+    request = (
+        f"GET /media HTTP/1.1\r\nHost: localhost:{receiver.port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", receiver.port, ssl=client_ssl, server_hostname="localhost"
+    )
+    writer.write(request + frames)
+    async with asyncio.timeout(10):
+        answer = await reader.readuntil(b"\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 101")
+        while receiver.counters["ended_stop"] == 0:
+            await asyncio.sleep(0.01)
+    writer.close()
+    await wait_idle(receiver)
+    samples, _ = read_wav(recording(receiver, "eager") / "inbound.wav")
+    np.testing.assert_array_equal(samples, PCMU.decode(audio))
+    assert receiver.counters["streams_fast_path"] == 0
+
+
 async def test_idle_stream_is_closed_and_recorded(
     start_receiver: StartReceiver, client_ssl: ssl.SSLContext
 ) -> None:
