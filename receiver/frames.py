@@ -47,23 +47,28 @@ class Split:
 class TextFrames:
     """Split the bytes a client sends into text messages, until a frame needs websockets.
 
-    Holds at most one incomplete frame (up to ``max_size`` plus its header) between feeds.
+    Holds at most one incomplete frame (up to ``max_size`` plus its header) between feeds, in a
+    bytearray that grows in place: a frame sent a byte at a time costs linear time, not
+    quadratic. Reads that end on a frame boundary, the usual case, copy nothing.
     """
 
     __slots__ = ("_buffer", "max_size")
 
     def __init__(self, *, max_size: int) -> None:
         self.max_size = max_size
-        self._buffer = b""
+        self._buffer = bytearray()
 
     @property
     def buffered(self) -> bytes:
         """The start of an incomplete frame (for handing back at the end of the stream)."""
-        return self._buffer
+        return bytes(self._buffer)
 
     def feed(self, data: bytes) -> Split:
         """Take the next bytes; return the complete frames they finish."""
-        buffer = self._buffer + data if self._buffer else data
+        buffer: bytes | bytearray = data
+        if self._buffer:
+            self._buffer += data
+            buffer = self._buffer
         end = len(buffer)
         position = 0
         split = Split()
@@ -98,14 +103,17 @@ class TextFrames:
             elif head in _CONTROL_PASSED_ON and size <= _MAX_CONTROL_PAYLOAD:
                 if stop > end:
                     break
-                split.control.append(buffer[position:stop])
+                split.control.append(bytes(buffer[position:stop]))
             else:  # too big (websockets closes with 1009 before it arrives), or not ours
                 return self._hand_back(split, buffer, position)
             position = stop
-        self._buffer = buffer[position:] if position else buffer
+        if buffer is self._buffer:
+            del self._buffer[:position]
+        elif position < end:
+            self._buffer = bytearray(buffer[position:])
         return split
 
-    def _hand_back(self, split: Split, buffer: bytes, position: int) -> Split:
-        split.handback = buffer[position:]
-        self._buffer = b""
+    def _hand_back(self, split: Split, buffer: bytes | bytearray, position: int) -> Split:
+        split.handback = bytes(buffer[position:])
+        self._buffer = bytearray()
         return split
