@@ -7,6 +7,11 @@ brought to the handler's consumer straight from ``data_received``: no task wake-
 which is most of a frame's cost when the platform sends one frame a read (20 ms apart). Pings,
 pongs and whatever the splitter hands back still go to websockets, which carries on as if it
 had parsed every frame itself. Measured by ``bench.run``, see ``bench/README.md``.
+
+Once the consumer has ended the stream, the bytes that follow (the client's close frame,
+typically in the same read as its ``stop``) wait until the handler calls ``release()`` after
+finishing the files: websockets would answer the close, and the client see the connection
+end, before the last batch was written.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ class StreamConnection(ServerConnection):
         self._consumer: Consumer[Any] | None = None
         self._outcome: asyncio.Future[Any] | None = None
         self._reading_paused = False
+        self._ended = False  # the consumer ended the stream (returned or raised)
+        self._held = bytearray()  # what came after that, until release()
 
     def take_over(self) -> bool:
         """Split frames here from now on, if websockets stands at a frame boundary.
@@ -78,10 +85,8 @@ class StreamConnection(ServerConnection):
         while True:
             if self._ready:
                 ready, self._ready, self._ready_bytes = self._ready, [], 0
-                if self._reading_paused:
-                    self._reading_paused = False
-                    self.transport.resume_reading()
-                end = consumer(ready)
+                self._resume()
+                end = self._call(consumer, ready)
                 if end is not None:
                     return end
             elif self._frames is not None:
@@ -94,46 +99,88 @@ class StreamConnection(ServerConnection):
                 if outcome is not _HANDED_BACK:
                     return outcome  # type: ignore[no-any-return]
             else:
-                end = consumer([await self.recv()])
+                end = self._call(consumer, [await self.recv()])
                 if end is not None:
                     return end
+
+    def release(self) -> None:
+        """Files finished: websockets gets what came after the stream's end, and reads on."""
+        held = (self._frames.buffered if self._frames is not None else b"") + self._held
+        self._frames, self._held = None, bytearray()
+        self._resume()
+        if held:
+            super().data_received(bytes(held))
 
     def data_received(self, data: bytes) -> None:
         frames = self._frames
         if frames is None:
             super().data_received(data)
             return
+        if self._ended:
+            self._hold(data)
+            return
         split = frames.feed(data)
         for frame in split.control:
             super().data_received(frame)
-        if split.handback is not None:
-            self._hand_back(split.handback)
         if split.messages:
-            consumer, outcome = self._consumer, self._outcome
-            if consumer is not None and outcome is not None and not outcome.done():
-                try:
-                    end = consumer(split.messages)
-                except Exception as exc:  # noqa: BLE001 - raised in consume(), in the handler
-                    outcome.set_exception(exc)
-                else:
-                    if end is not None:
-                        outcome.set_result(end)
-            else:  # nobody consuming right now: kept, in order, for consume()
-                self._ready.extend(split.messages)
-                self._ready_bytes += len(data)
-                if self._ready_bytes > _PAUSE_AT_BYTES and not self._reading_paused:
-                    self._reading_paused = True
-                    self.transport.pause_reading()
+            self._deliver(split.messages, len(data))
+        if split.handback is not None:
+            if self._ended:
+                self._hold(split.handback)
+            else:
+                self._hand_back(split.handback)
 
     def eof_received(self) -> None:
-        if self._frames is not None:  # an incomplete frame is websockets' to report
-            self._hand_back(self._frames.buffered)
+        if self._frames is not None:  # the client is gone: websockets reports what is incomplete
+            held, self._held = self._frames.buffered + self._held, bytearray()
+            self._hand_back(bytes(held))
         super().eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._frames = None
         super().connection_lost(exc)
         self._wake()
+
+    def _deliver(self, messages: list[str], size: int) -> None:
+        """To the consumer now if it waits, else kept in order for ``consume``."""
+        consumer, outcome = self._consumer, self._outcome
+        if consumer is not None and outcome is not None and not outcome.done():
+            try:
+                end = self._call(consumer, messages)
+            except Exception as exc:  # noqa: BLE001 - raised in consume(), in the handler
+                outcome.set_exception(exc)
+            else:
+                if end is not None:
+                    outcome.set_result(end)
+            return
+        self._ready.extend(messages)
+        self._ready_bytes += size
+        if self._ready_bytes > _PAUSE_AT_BYTES:
+            self._pause()
+
+    def _call(self, consumer: Consumer[T], messages: Sequence[Data]) -> T | None:
+        try:
+            end = consumer(messages)
+        except BaseException:
+            self._ended = True
+            raise
+        if end is not None:
+            self._ended = True
+        return end
+
+    def _hold(self, data: bytes) -> None:
+        self._held += data
+        self._pause()
+
+    def _pause(self) -> None:
+        if not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
 
     def _hand_back(self, data: bytes) -> None:
         """websockets parses everything from ``data`` on; ``consume`` goes on with it."""

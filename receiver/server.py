@@ -280,8 +280,9 @@ class StreamHandler:
     async def run(self) -> None:
         """Read until stop, close or error; finish the sinks; then close if we are ending it.
 
-        Files are finished before the close frame goes out, so a client that sees the close
-        (the simulator, a test, an operator) finds every file complete.
+        Files are finished before the close frame goes out, and before a close the client sent
+        with its stop is answered, so a client that sees the close (the simulator, a test, an
+        operator) finds every file complete.
         """
         end = StreamEnd("error", CLOSE_INTERNAL_ERROR, "internal error")
         try:
@@ -296,7 +297,10 @@ class StreamHandler:
             self.counters.update(["internal_errors"])
             self.log.exception("internal error")
         finally:
-            end = self._finish(end)
+            try:
+                end = self._finish(end)
+            finally:
+                self.ws.release()  # what the client sent after the end: its close, typically
         if end.kind in _WE_CLOSE and end.close_code is not None:
             await self.ws.close(end.close_code, end.reason or "")
 

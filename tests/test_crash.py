@@ -144,3 +144,49 @@ async def test_kill_9_leaves_readable_wavs_and_repair_finishes_them(
         assert record["tracks"]["inbound"]["samples"] == len(samples)
     assert not list((root / ".in-progress").iterdir())
     run("sox", root / "paced" / "outbound.wav", "-n", "stat")
+
+
+async def test_a_client_that_sees_the_end_finds_its_files_complete(
+    served: Any, tls_files: TlsFiles, client_ssl: ssl.SSLContext
+) -> None:
+    """Clients that send their whole stream, stop and close frame included, in one write each
+    find both tracks complete the moment the server's end of the connection reaches them:
+    the server answers the close only once the files are finished."""
+    from websockets.frames import Close, Frame, Opcode
+
+    server = served(
+        RECEIVER_TOKENS=TOKEN,
+        RECEIVER_TLS_CERT=str(tls_files.cert),
+        RECEIVER_TLS_KEY=str(tls_files.key),
+    )
+    server.wait_listening()
+    root = server.cwd / "recordings"
+    audio = PCMU.encode((np.arange(8000 * 6) % 4000 - 2000).astype(np.int16))
+    expected = PCMU.decode(audio)
+    close = Frame(Opcode.CLOSE, Close(1000, "").serialize()).serialize(mask=True)
+
+    async def stream(number: int) -> list[int]:
+        sid = f"whole-{number}"
+        messages = build_messages(
+            codec=PCMU, tracks={"inbound": audio, "outbound": audio}, stream_sid=sid
+        )
+        frames = b"".join(Frame(Opcode.TEXT, m.encode()).serialize(mask=True) for m in messages)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", server.port, ssl=client_ssl, server_hostname="localhost"
+        )
+        writer.write(
+            f"GET /media HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
+        )
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        writer.write(frames + close)
+        await reader.read()  # until the server's end of the connection
+        lengths = [len(read_strict(root / sid / f"{t}.wav")) for t in ("inbound", "outbound")]
+        writer.close()
+        return lengths
+
+    async with asyncio.timeout(60):
+        results = await asyncio.gather(*(stream(n) for n in range(20)))
+    assert results == [[len(expected)] * 2] * 20
+    assert server.stop() == 0
