@@ -21,6 +21,7 @@ from websockets.asyncio.client import connect
 from receiver.codecs import CLI_CODECS, codec_for
 from receiver.simulate import build_messages
 from tests.conftest import TOKEN, TlsFiles, env_with, run, run_receiver
+from tests.soak_helpers import upgrade_request
 
 PCMU = codec_for(CLI_CODECS["pcmu"])
 
@@ -174,11 +175,7 @@ async def test_a_client_that_sees_the_end_finds_its_files_complete(
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", server.port, ssl=client_ssl, server_hostname="localhost"
         )
-        writer.write(
-            f"GET /media HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
-            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
-        )
+        writer.write(upgrade_request("/media", TOKEN))
         assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
         writer.write(frames + close)
         await reader.read()  # until the server's end of the connection

@@ -29,6 +29,7 @@ from tests.conftest import (
     url,
     wait_idle,
 )
+from tests.soak_helpers import upgrade_request
 
 PCMU = codec_for(CLI_CODECS["pcmu"])
 PCMA = codec_for(CLI_CODECS["pcma"])
@@ -600,15 +601,10 @@ async def test_frames_sent_with_the_handshake_stay_with_websockets(
     audio = PCMU.encode(np.arange(-4000, 4000, 2, dtype=np.int16))
     messages = build_messages(codec=PCMU, tracks={"inbound": audio}, stream_sid="eager")
     frames = b"".join(Frame(Opcode.TEXT, m.encode()).serialize(mask=True) for m in messages)
-    request = (
-        f"GET /media HTTP/1.1\r\nHost: localhost:{receiver.port}\r\nUpgrade: websocket\r\n"
-        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
-    ).encode()
     reader, writer = await asyncio.open_connection(
         "127.0.0.1", receiver.port, ssl=client_ssl, server_hostname="localhost"
     )
-    writer.write(request + frames)
+    writer.write(upgrade_request("/media", TOKEN) + frames)
     async with asyncio.timeout(10):
         answer = await reader.readuntil(b"\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 101")
