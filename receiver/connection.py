@@ -104,12 +104,11 @@ class StreamConnection(ServerConnection):
                     return end
 
     def release(self) -> None:
-        """Files finished: websockets gets what came after the stream's end, and reads on."""
-        held = (self._frames.buffered if self._frames is not None else b"") + self._held
-        self._frames, self._held = None, bytearray()
+        """Files finished (or the client gone): websockets gets every byte held, and reads on."""
         self._resume()
-        if held:
-            super().data_received(bytes(held))
+        if self._frames is not None:
+            held, self._held = self._frames.buffered + self._held, bytearray()
+            self._hand_back(bytes(held))
 
     def data_received(self, data: bytes) -> None:
         frames = self._frames
@@ -131,9 +130,7 @@ class StreamConnection(ServerConnection):
                 self._hand_back(split.handback)
 
     def eof_received(self) -> None:
-        if self._frames is not None:  # the client is gone: websockets reports what is incomplete
-            held, self._held = self._frames.buffered + self._held, bytearray()
-            self._hand_back(bytes(held))
+        self.release()  # the client is gone: websockets reports what is incomplete
         super().eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
