@@ -352,6 +352,15 @@ async def until_ws_closed(
         return code
 
 
+async def server_closes(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: Target, failure: str
+) -> None:
+    """Assert that the server ends the connection within ``target.wait_s``; then close ours."""
+    assert await until_closed(reader, target.wait_s), failure
+    cut(writer, "close")
+    await closed(writer)
+
+
 def cut(writer: asyncio.StreamWriter, how: str) -> None:
     """End a connection: ``abort`` (no TLS close, RST-like) or ``close`` (close_notify, FIN)."""
     if how == "abort":
@@ -432,9 +441,7 @@ async def tls_garbage(target: Target, rng: random.Random, sid: str) -> str:
     reader, writer = await open_tcp(target)
     writer.write(junk)
     await writer.drain()
-    assert await until_closed(reader, target.wait_s), "server kept a garbage TLS connection"
-    cut(writer, "close")
-    await closed(writer)
+    await server_closes(reader, writer, target, "server kept a garbage TLS connection")
     return "refused"
 
 
@@ -443,27 +450,21 @@ async def plain_http(target: Target, rng: random.Random, sid: str) -> str:
     reader, writer = await open_tcp(target)
     writer.write(upgrade_request("/plain", target.token))
     await writer.drain()
-    assert await until_closed(reader, target.wait_s), "server kept a plaintext connection"
-    cut(writer, "close")
-    await closed(writer)
+    await server_closes(reader, writer, target, "server kept a plaintext connection")
     return "refused"
 
 
 async def idle_tcp(target: Target, rng: random.Random, sid: str) -> str:
     """TCP connect and say nothing: the TLS handshake timeout must close it."""
     reader, writer = await open_tcp(target)
-    assert await until_closed(reader, target.wait_s), "idle TCP connection never closed"
-    cut(writer, "close")
-    await closed(writer)
+    await server_closes(reader, writer, target, "idle TCP connection never closed")
     return "timed-out"
 
 
 async def idle_tls(target: Target, rng: random.Random, sid: str) -> str:
     """TLS done, no HTTP request: the handshake timeout must close it."""
     reader, writer = await open_tls(target)
-    assert await until_closed(reader, target.wait_s), "idle TLS connection never closed"
-    cut(writer, "close")
-    await closed(writer)
+    await server_closes(reader, writer, target, "idle TLS connection never closed")
     return "timed-out"
 
 
@@ -488,9 +489,7 @@ async def http_garbage(target: Target, rng: random.Random, sid: str) -> str:
     reader, writer = await open_tls(target)
     writer.write(rng.randbytes(rng.randint(1, 2000)) + b"\r\n\r\n")
     await writer.drain()
-    assert await until_closed(reader, target.wait_s), "server kept an HTTP garbage connection"
-    cut(writer, "close")
-    await closed(writer)
+    await server_closes(reader, writer, target, "server kept an HTTP garbage connection")
     return "refused"
 
 
