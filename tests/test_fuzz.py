@@ -424,6 +424,19 @@ def one(draw: st.DrawFn, name: str, bad: set[str], good: Any, wrong: Any) -> Pai
     return pair
 
 
+def one_text(
+    draw: st.DrawFn, name: str, bad: set[str], *, optional: bool, allow_empty: bool
+) -> Pair:
+    """``one`` for a text field: a valid string, or (when ``name`` is bad) an invalid value."""
+    return one(
+        draw,
+        name,
+        bad,
+        text_valid(optional=optional, allow_empty=allow_empty),
+        text_invalid(optional=optional, allow_empty=allow_empty),
+    )
+
+
 def any_bad(*pairs: Pair) -> bool:
     return any(value is BAD for _, value in pairs)
 
@@ -502,27 +515,9 @@ def start_msg(draw: st.DrawFn, mode: str) -> Msg:
     fields = ["seq", "sid", "account", "call", "tracks", "params", "format", "encoding", "rate"]
     bad = pick_bad(draw, [*fields, "channels", "body"], mode)
     seq = one(draw, "seq", bad, number_valid(), number_invalid())
-    sid = one(
-        draw,
-        "sid",
-        bad,
-        text_valid(optional=False, allow_empty=False),
-        text_invalid(optional=False, allow_empty=False),
-    )
-    account = one(
-        draw,
-        "account",
-        bad,
-        text_valid(optional=True, allow_empty=True),
-        text_invalid(optional=True, allow_empty=True),
-    )
-    call = one(
-        draw,
-        "call",
-        bad,
-        text_valid(optional=True, allow_empty=True),
-        text_invalid(optional=True, allow_empty=True),
-    )
+    sid = one_text(draw, "sid", bad, optional=False, allow_empty=False)
+    account = one_text(draw, "account", bad, optional=True, allow_empty=True)
+    call = one_text(draw, "call", bad, optional=True, allow_empty=True)
     tracks = one(draw, "tracks", bad, START_TRACKS_OK, START_TRACKS_BAD)
     params = one(draw, "params", bad, PARAMS_OK, PARAMS_BAD)
     encoding = one(
@@ -640,13 +635,7 @@ def dtmf_msg(draw: st.DrawFn, mode: str) -> Msg:
 def mark_msg(draw: st.DrawFn, mode: str) -> Msg:
     bad = pick_bad(draw, ["seq", "body", "name"], mode)
     seq = one(draw, "seq", bad, number_valid(), number_invalid())
-    name = one(
-        draw,
-        "name",
-        bad,
-        text_valid(optional=False, allow_empty=False),
-        text_invalid(optional=False, allow_empty=False),
-    )
+    name = one_text(draw, "name", bad, optional=False, allow_empty=False)
     body: dict[str, Any] = draw(extras())
     put(body, "name", name[0])
     obj: dict[str, Any] = {"event": "mark", **draw(extras())}
@@ -687,10 +676,8 @@ def stop_msg(draw: st.DrawFn, mode: str) -> Msg:
 def connected_msg(draw: st.DrawFn, mode: str) -> Msg:
     bad = pick_bad(draw, ["seq", "protocol", "version"], mode)
     seq = one(draw, "seq", bad, number_valid(), number_invalid())
-    text_ok = text_valid(optional=True, allow_empty=True)
-    text_bad = text_invalid(optional=True, allow_empty=True)
-    protocol = one(draw, "protocol", bad, text_ok, text_bad)
-    version = one(draw, "version", bad, text_ok, text_bad)
+    protocol = one_text(draw, "protocol", bad, optional=True, allow_empty=True)
+    version = one_text(draw, "version", bad, optional=True, allow_empty=True)
     obj: dict[str, Any] = {"event": "connected", **draw(extras())}
     put(obj, "sequenceNumber", seq[0])
     put(obj, "protocol", protocol[0])
