@@ -97,6 +97,8 @@ class StreamSummary:
     marks: tuple[MarkRecord, ...] = ()
     messages: int = 0
     unknown_events: tuple[str, ...] = ()
+    # What the stream sent past its bounds (receiver.session.Dropped, unknown event names).
+    dropped: Mapping[str, int] = field(default_factory=dict)
     sink_errors: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
@@ -118,6 +120,7 @@ class StreamSummary:
             ],
             "marks": [{"name": m.name, "at_ms": m.at_ms} for m in self.marks],
             "unknown_events": list(self.unknown_events),
+            "dropped": dict(self.dropped),
             "sink_errors": list(self.sink_errors),
         }
 
