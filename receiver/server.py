@@ -307,7 +307,7 @@ class StreamHandler:
             self.log.exception("internal error")
         finally:
             try:
-                end = self._finish(end)
+                end = await self._finish(end)
             finally:
                 self.ws.release()  # what the client sent after the end: its close, typically
         if end.kind in _WE_CLOSE and end.close_code is not None:
@@ -468,7 +468,7 @@ class StreamHandler:
         self.log.error("closing with %d: %s", exc.close_code, reason)
         return StreamEnd("error", exc.close_code, reason)
 
-    def _finish(self, end: StreamEnd) -> StreamEnd:
+    async def _finish(self, end: StreamEnd) -> StreamEnd:
         """Flush what is pending and close every sink, whatever happened before.
 
         Returns how the stream ended: a stop after which no sink is left is a failed recording.
@@ -501,7 +501,7 @@ class StreamHandler:
                 sink_errors=sink_errors,
             )
 
-        fanout.close(summary)
+        await fanout.aclose(summary)  # stream.json is written off the event loop
         stats = session.track_stats if session else {}
         duration_s = (datetime.now(UTC) - self.info.started_at).total_seconds()
         self.receiver.metrics.stream_finished(
