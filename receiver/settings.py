@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from receiver.exceptions import ConfigError
 
@@ -142,11 +142,14 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_tls_pair(self) -> Settings:
+        # Messages start with the variable: load_settings names it from there.
         if (self.tls_cert is None) != (self.tls_key is None):
-            missing = "TLS_KEY" if self.tls_key is None else "TLS_CERT"
-            raise ValueError(f"{ENV_PREFIX}{missing} must be set together with the other")
+            missing, given = (
+                ("TLS_KEY", "TLS_CERT") if self.tls_key is None else ("TLS_CERT", "TLS_KEY")
+            )
+            raise ValueError(f"{ENV_PREFIX}{missing} must be set together with {ENV_PREFIX}{given}")
         if not self.sinks:
-            raise ValueError(f"{ENV_PREFIX}SINKS names no sink")
+            raise ValueError(f"{ENV_PREFIX}SINKS must name at least one sink")
         return self
 
     @property
@@ -158,18 +161,32 @@ class Settings(BaseSettings):
 def load_settings(**overrides: Any) -> Settings:
     """Build settings from the environment, ``.env`` and ``overrides`` (CLI flags).
 
-    Raises ``ConfigError`` naming the first invalid variable, for a one-line message.
+    Raises ``ConfigError`` naming the invalid variables, for a one-line message. No value is
+    ever echoed: a token, a Redis password, or a token pasted into the wrong variable would
+    end up in a terminal or a log (pydantic's own errors carry the input, and a model
+    validator's input is every setting).
     """
     cleaned = {k: v for k, v in overrides.items() if v is not None}
     try:
         return Settings(**cleaned)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        location = [str(part) for part in error["loc"] if not isinstance(part, int)]
-        variable = ENV_PREFIX + location[0].upper() if location else "settings"
-        value = error.get("input")
-        # Secrets are never echoed: tokens, and a Redis URL may hold a password.
-        secret = location and location[0] in ("tokens", "redis_url")
-        shown = "" if secret else f" (got {value!r})"
-        message = str(error["msg"]).removeprefix("Value error, ")
-        raise ConfigError(variable, f"{message}{shown}") from None
+        errors = exc.errors(include_input=False, include_url=False, include_context=False)
+        problems = [(_variable(error["loc"]), str(error["msg"])) for error in errors]
+    except SettingsError:
+        # pydantic-settings could not parse a variable (its message names the field, the
+        # value stays on the exception's cause, which is not shown).
+        raise ConfigError("settings", "a variable could not be parsed") from None
+    variable, message = problems[0]
+    message = message.removeprefix("Value error, ")
+    if variable == "settings" and message.startswith(ENV_PREFIX):  # a model validator's
+        variable, _, message = message.partition(" ")
+    others = sorted({v for v, _ in problems[1:]} - {variable})
+    if others:
+        message += f" (also invalid: {', '.join(others)})"
+    raise ConfigError(variable, message) from None
+
+
+def _variable(location: tuple[int | str, ...]) -> str:
+    """The variable a pydantic error location names; a model validator names its own."""
+    names = [str(part) for part in location if not isinstance(part, int)]
+    return ENV_PREFIX + names[0].upper() if names else "settings"
