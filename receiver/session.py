@@ -42,6 +42,16 @@ class AudioBatch:
 # What most frames return: no batch is complete yet.
 _NOTHING: tuple[AudioBatch, ...] = ()
 
+# One second of silence at the highest rate a codec decodes, shared and read-only: gaps are
+# handed out as views of it (never allocated whole), which sinks can tell by ``is_gap_fill``.
+_SILENCE = np.zeros(48_000, dtype=np.int16)
+_SILENCE.flags.writeable = False
+
+
+def is_gap_fill(samples: NDArray[np.int16]) -> bool:
+    """Whether a batch is silence the session made for a gap (a sink may store it as a hole)."""
+    return samples.base is _SILENCE
+
 
 @dataclass(frozen=True, slots=True)
 class DtmfRecord:
@@ -161,9 +171,11 @@ class Session:
         self._one_ms = max(1, self.rate // 1000)
         self._bytes_per_sample = codec.bytes_per_sample
         self._tracks: dict[Track, _TrackClock] = {}
-        # One second of shared, read-only silence; long gaps are handed out in views of it.
-        self._silence = np.zeros(self.rate, dtype=np.int16)
-        self._silence.flags.writeable = False
+        # One second of silence; long gaps are handed out in views of it.
+        self._silence = _SILENCE[: self.rate]
+        if len(self._silence) < self.rate:  # no codec decodes past 48 kHz; but never less
+            self._silence = np.zeros(self.rate, dtype=np.int16)
+            self._silence.flags.writeable = False
         self.dtmf: list[DtmfRecord] = []
         self.marks: list[MarkRecord] = []
         self.dropped = Dropped()

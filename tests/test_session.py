@@ -9,7 +9,7 @@ from numpy.typing import NDArray
 from receiver.codecs import CLI_CODECS, codec_for
 from receiver.events import Dtmf, Mark, Media, MediaFormat, Start, StreamSid, Track
 from receiver.exceptions import LimitExceeded, MalformedMessage
-from receiver.session import AudioBatch, Session
+from receiver.session import AudioBatch, Session, is_gap_fill
 
 L16 = codec_for(MediaFormat("audio/x-l16", 8000))
 PCMU = codec_for(CLI_CODECS["pcmu"])
@@ -163,6 +163,8 @@ def test_long_gap_is_handed_out_in_bounded_views() -> None:
     assert sum(len(b.samples) for b in silence) == 60 * 8000 - 160
     assert max(len(b.samples) for b in silence) <= 8000
     assert all(not b.samples.flags.writeable for b in silence)
+    assert all(is_gap_fill(b.samples) for b in silence)
+    assert not any(is_gap_fill(b.samples) for b in batches if b.samples.any())
 
 
 def test_frame_beyond_max_duration_is_refused() -> None:
