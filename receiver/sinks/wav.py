@@ -142,9 +142,9 @@ class Pcm16Wav:
             raise OSError("a WAV file holds at most 4 GiB of audio")
         try:
             if is_gap_fill(samples):
-                # Silence the session made for a gap (1 s slices): the file grows by a hole
-                # that reads as zeros instead of by a write of zeros, which costs the event
-                # loop ~130 us a second of 48 kHz, and the disk nothing.
+                # Silence the session made for a gap (up to 10 s a slice): the file grows by a
+                # hole that reads as zeros instead of by a write of zeros, which would cost the
+                # event loop ~130 us a second of 48 kHz, and the disk nothing.
                 end = self._HEADER.size + self._data_bytes + data.nbytes
                 os.ftruncate(self._fd, end)
                 os.lseek(self._fd, end, os.SEEK_SET)
