@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     max_custom_parameters: int = Field(default=99, ge=0, le=10_000)
     max_parameter_chars: int = Field(default=4096, ge=16, le=1_000_000)
     # The most silence one jump (of timestamp or chunk) may insert; a larger jump shifts the
-    # track's clock. At most 600: a 600 s gap of 48 kHz L16 is one frame's work for the loop.
+    # track's clock. At most 600, so that what one frame can make stays small.
     max_gap_s: float = Field(default=60.0, gt=0, le=600)
     # Per-stream bounds (issue 11). Defaults sit far above what a real conference sends, so that
     # they only ever stop an attack; past each one the excess is counted in stream.json's
@@ -72,7 +72,8 @@ class Settings(BaseSettings):
     # for 6 hours makes 36 minutes of it. Past it, jumps shift the track's clock instead.
     max_silence_s: float = Field(default=3600.0, gt=0, le=7 * 86_400)
     # Marks and DTMF digits kept a stream: a 6-hour call with a mark or a key press every 3 s is
-    # 7,200. At most ~3.5 MB of stream.json together (names of 256 characters, all escaped).
+    # 7,200. With names of 256 characters the final stream.json stays under ~35 MB even when
+    # every character needs a 12-byte escape; it is written off the event loop.
     max_marks: int = Field(default=10_000, ge=0, le=1_000_000)
     max_dtmf: int = Field(default=10_000, ge=0, le=1_000_000)
     # Longest mark name kept (cut beyond, counted) and longest unknown event name remembered.
