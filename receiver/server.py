@@ -34,7 +34,6 @@ from receiver.exceptions import (
     ProtocolError,
     RecordingFailed,
     UnsupportedMedia,
-    truncate_utf8,
 )
 from receiver.logs import StreamLogger
 from receiver.metrics import LiveTracks, ReceiverMetrics
@@ -43,6 +42,7 @@ from receiver.session import Session
 from receiver.settings import Settings
 from receiver.sinks import Fanout, SinkFactory, StreamInfo, StreamSummary, load_sink_factories
 from receiver.sinks.base import StreamEnd
+from receiver.text import shorten
 
 logger = logging.getLogger("receiver.server")
 
@@ -55,12 +55,6 @@ _TLS_READ_BUFFER_BYTES = 32 * 1024
 _WE_CLOSE = frozenset({"protocol-error", "error", "idle-timeout", "max-duration"})
 # Close codes websockets sends when it refuses a frame: bad framing, invalid UTF-8, too big.
 _FRAME_ERRORS = frozenset({1002, 1007, 1009})
-
-
-def _short(text: str, limit: int = 48) -> str:
-    """Client text made safe for one log line: escaped, bounded."""
-    shown = text.encode("unicode_escape").decode("ascii")
-    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 class Receiver:
@@ -289,7 +283,7 @@ class StreamHandler:
             end = await self._read()
         except ProtocolError as exc:
             self.counters.update(["protocol_errors", f"protocol_errors_{exc.kind}"])
-            self.log.warning("closing with %d: %s", exc.close_code, _short(exc.reason, 160))
+            self.log.warning("closing with %d: %s", exc.close_code, shorten(exc.reason, 160))
             end = StreamEnd("protocol-error", exc.close_code, exc.close_reason)
         except RecordingFailed as exc:
             end = self._recording_failed(exc)
@@ -359,7 +353,7 @@ class StreamHandler:
                     self.counters["unknown_events"] += 1
                     if name not in self.unknown_events and len(self.unknown_events) < 32:
                         self.unknown_events[name] = None
-                        self.log.info("skipping unknown event %r", _short(name))
+                        self.log.info("skipping unknown event %r", shorten(name))
                 case _:
                     assert_never(event)
         return None
@@ -371,7 +365,7 @@ class StreamHandler:
         if sent is not None and not exc.rcvd_then_sent and sent.code in _FRAME_ERRORS:
             # websockets refused a frame itself: too big, invalid UTF-8, bad framing.
             self.counters.update(["protocol_errors", "protocol_errors_frame"])
-            self.log.warning("closed with %d: %s", sent.code, _short(sent.reason, 160))
+            self.log.warning("closed with %d: %s", sent.code, shorten(sent.reason, 160))
             return StreamEnd("protocol-error", sent.code, sent.reason)
         code = rcvd.code if rcvd is not None else 1006
         reason = rcvd.reason if rcvd is not None else "connection lost without a close frame"
@@ -380,7 +374,7 @@ class StreamHandler:
 
     def _start(self, start: Start) -> None:
         """Open the sinks and the session; an undecodable format still gets its record."""
-        self.log = StreamLogger(logger, {"stream_sid": _short(start.stream_sid)})
+        self.log = StreamLogger(logger, {"stream_sid": shorten(start.stream_sid)})
         request = self.ws.request
         target = urlsplit(request.path if request is not None else "/")
         codec, unsupported = None, None
@@ -408,9 +402,9 @@ class StreamHandler:
         self.counters["streams"] += 1
         self.log.info(
             "stream started: %s %d Hz, tracks %s",
-            _short(start.media_format.encoding),
+            shorten(start.media_format.encoding),
             start.media_format.sample_rate_hz,
-            _short(",".join(start.tracks)),
+            shorten(",".join(start.tracks)),
         )
         self.fanout.open(self.info)
         if not self.fanout.alive:
@@ -429,7 +423,7 @@ class StreamHandler:
     def _recording_failed(self, exc: RecordingFailed) -> StreamEnd:
         """Count, log and describe the end of a stream that no sink is left to record."""
         self.counters.update(["recording_failures"])
-        reason = truncate_utf8(str(exc), MAX_CLOSE_REASON_BYTES)
+        reason = shorten(str(exc), MAX_CLOSE_REASON_BYTES)
         self.log.error("closing with %d: %s", exc.close_code, reason)
         return StreamEnd("error", exc.close_code, reason)
 
