@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from receiver.live import LiveAudio, LiveStream
-from receiver.session import AudioBatch
+from receiver import AudioBatch, LiveAudio, LiveStream
 
 
 @dataclass
@@ -94,10 +93,9 @@ async def report(stream: LiveStream) -> None:
 
 async def main() -> None:
     """Serve with the wav sink and the live VAD side by side."""
+    from receiver import Receiver, load_settings
     from receiver.cli import _server_tls, check_recordings_dir
     from receiver.logs import setup_logging
-    from receiver.server import Receiver
-    from receiver.settings import load_settings
     from receiver.sinks import load_sink_factories
 
     settings = load_settings()

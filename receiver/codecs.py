@@ -19,6 +19,20 @@ from receiver.events import MediaFormat
 from receiver.exceptions import MalformedMessage, UnsupportedMedia
 from receiver.text import shorten
 
+__all__ = [
+    "CLI_CODECS",
+    "ByteOrder",
+    "Codec",
+    "CodecName",
+    "codec_for",
+    "decode_alaw",
+    "decode_l16",
+    "decode_mulaw",
+    "encode_alaw",
+    "encode_l16",
+    "encode_mulaw",
+]
+
 ByteOrder = Literal["little", "big"]
 CodecName = Literal["pcmu", "pcma", "l16"]
 

@@ -25,6 +25,26 @@ from __future__ import annotations
 
 from receiver.text import shorten
 
+__all__ = [
+    "CLOSE_GOING_AWAY",
+    "CLOSE_INTERNAL_ERROR",
+    "CLOSE_INVALID_PAYLOAD",
+    "CLOSE_NORMAL",
+    "CLOSE_POLICY_VIOLATION",
+    "CLOSE_UNSUPPORTED_DATA",
+    "MAX_CLOSE_REASON_BYTES",
+    "ConfigError",
+    "ConnectFailed",
+    "LimitExceeded",
+    "MalformedMessage",
+    "ProtocolError",
+    "ReceiverError",
+    "RecordingFailed",
+    "SinkError",
+    "UnexpectedMessage",
+    "UnsupportedMedia",
+]
+
 # RFC 6455 section 7.4.1 close codes used by the receiver.
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
