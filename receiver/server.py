@@ -41,7 +41,6 @@ from receiver.exceptions import (
     ProtocolError,
     RecordingFailed,
     UnsupportedMedia,
-    truncate_utf8,
 )
 from receiver.gate import ConnectionGate
 from receiver.health import HealthCheck
@@ -52,6 +51,7 @@ from receiver.session import Session
 from receiver.settings import Settings
 from receiver.sinks import Fanout, SinkFactory, StreamInfo, StreamSummary, load_sink_factories
 from receiver.sinks.base import StreamEnd
+from receiver.text import shorten
 
 logger = logging.getLogger("receiver.server")
 
@@ -64,12 +64,6 @@ _TLS_READ_BUFFER_BYTES = 32 * 1024
 _WE_CLOSE = frozenset({"protocol-error", "error", "idle-timeout", "max-duration"})
 # Close codes websockets sends when it refuses a frame: bad framing, invalid UTF-8, too big.
 _FRAME_ERRORS = frozenset({1002, 1007, 1009})
-
-
-def _short(text: str, limit: int = 48) -> str:
-    """Client text made safe for one log line: escaped, bounded."""
-    shown = text.encode("unicode_escape").decode("ascii")
-    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 class Receiver:
@@ -358,7 +352,7 @@ class StreamHandler:
             end = await self._read()
         except ProtocolError as exc:
             self.counters.add(Count.PROTOCOL_ERRORS, exc.kind)
-            self.log.warning("closing with %d: %s", exc.close_code, _short(exc.reason, 160))
+            self.log.warning("closing with %d: %s", exc.close_code, shorten(exc.reason, 160))
             end = StreamEnd("protocol-error", exc.close_code, exc.close_reason)
         except RecordingFailed as exc:
             end = self._recording_failed(exc)
@@ -448,7 +442,7 @@ class StreamHandler:
                         pass
                     elif len(self.unknown_events) < self.settings.max_unknown_events:
                         self.unknown_events[name] = None
-                        self.log.info("skipping unknown event %r", _short(name))
+                        self.log.info("skipping unknown event %r", shorten(name))
                     else:
                         self.unknown_events_dropped += 1
                         self._dropped(
@@ -474,7 +468,7 @@ class StreamHandler:
         if sent is not None and not exc.rcvd_then_sent and sent.code in _FRAME_ERRORS:
             # websockets refused a frame itself: too big, invalid UTF-8, bad framing.
             self.counters.add(Count.PROTOCOL_ERRORS, "frame")
-            self.log.warning("closed with %d: %s", sent.code, _short(sent.reason, 160))
+            self.log.warning("closed with %d: %s", sent.code, shorten(sent.reason, 160))
             return StreamEnd("protocol-error", sent.code, sent.reason)
         code = rcvd.code if rcvd is not None else 1006
         reason = rcvd.reason if rcvd is not None else "connection lost without a close frame"
@@ -483,7 +477,7 @@ class StreamHandler:
 
     def _start(self, start: Start) -> None:
         """Open the sinks and the session; an undecodable format still gets its record."""
-        self.log = StreamLogger(logger, {"stream_sid": _short(start.stream_sid)})
+        self.log = StreamLogger(logger, {"stream_sid": shorten(start.stream_sid)})
         request = self.ws.request
         target = urlsplit(request.path if request is not None else "/")
         codec, unsupported = None, None
@@ -511,9 +505,9 @@ class StreamHandler:
         self.counters.add(Count.STREAMS)
         self.log.info(
             "stream started: %s %d Hz, tracks %s",
-            _short(start.media_format.encoding),
+            shorten(start.media_format.encoding),
             start.media_format.sample_rate_hz,
-            _short(",".join(start.tracks)),
+            shorten(",".join(start.tracks)),
         )
         self.fanout.open(self.info)
         if not self.fanout.alive:
@@ -536,7 +530,7 @@ class StreamHandler:
     def _recording_failed(self, exc: RecordingFailed) -> StreamEnd:
         """Count, log and describe the end of a stream that no sink is left to record."""
         self.counters.add(Count.RECORDING_FAILURES)
-        reason = truncate_utf8(str(exc), MAX_CLOSE_REASON_BYTES)
+        reason = shorten(str(exc), MAX_CLOSE_REASON_BYTES)
         self.log.error("closing with %d: %s", exc.close_code, reason)
         return StreamEnd("error", exc.close_code, reason)
 

@@ -1,8 +1,8 @@
 """Every setting of the receiver, read once at the edge (the CLI) and passed down as values.
 
 Sources, strongest first: CLI flags (passed as init arguments), ``RECEIVER_*`` environment
-variables, a ``.env`` file in the working directory, the defaults below. This is the only module
-that reads the environment.
+variables, a ``.env`` file in the working directory, the defaults below. The receiver's own
+``RECEIVER_*`` variables are read here only (``receiver streams`` reads ``SIGNALWIRE_*`` itself).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from receiver.codecs import ByteOrder
 from receiver.exceptions import ConfigError
 
 ENV_PREFIX = "RECEIVER_"
 
-ByteOrder = Literal["little", "big"]
 SampleFormat = Literal["pcm16", "native"]
 FileFormat = Literal["wav", "flac"]
 EventLoop = Literal["auto", "asyncio", "uvloop"]
