@@ -128,9 +128,9 @@ def _serve(args: argparse.Namespace) -> int:
     )
     setup_logging(level=settings.log_level, log_format=settings.log_format)
     check_recordings_dir(settings.recordings_dir)
-    from receiver.sinks import load_sink_factories
+    from receiver.sinks import sink_factories_for
 
-    sink_factories = load_sink_factories(settings.sinks)
+    sink_factories = sink_factories_for(settings)
     _report_interrupted(settings.recordings_dir)
     if not settings.tokens:
         token = secrets.token_urlsafe(32)
@@ -232,6 +232,7 @@ async def _run_until_signal(receiver: Any) -> int:
             receiver.settings.port,
             exc.strerror or exc,
         )
+        await receiver.shutdown()
         return 1
     s = receiver.settings
     logger.info(
@@ -245,10 +246,6 @@ async def _run_until_signal(receiver: Any) -> int:
     )
     await stop.wait()
     await receiver.shutdown()
-    if "receiver.sinks.redis_stream" in sys.modules:
-        from receiver.sinks.redis_stream import close_publishers
-
-        await asyncio.to_thread(close_publishers)
     logger.info("stopped: %d streams recorded", receiver.counters["streams"])
     return 0
 

@@ -41,8 +41,8 @@ from receiver.metrics import LiveTracks, ReceiverMetrics
 from receiver.protocol import StreamProtocol
 from receiver.session import Session
 from receiver.settings import Settings
-from receiver.sinks import Fanout, SinkFactory, StreamInfo, StreamSummary, load_sink_factories
-from receiver.sinks.base import StreamEnd
+from receiver.sinks import Fanout, SinkFactory, StreamInfo, StreamSummary, sink_factories_for
+from receiver.sinks.base import Lifecycle, StreamEnd
 
 logger = logging.getLogger("receiver.server")
 
@@ -80,9 +80,7 @@ class Receiver:
         self.settings = settings
         self.ssl_context = ssl_context
         self.sink_factories = (
-            list(sink_factories)
-            if sink_factories is not None
-            else load_sink_factories(settings.sinks)
+            list(sink_factories) if sink_factories is not None else sink_factories_for(settings)
         )
         self.counters: Counter[str] = Counter()
         self.per_ip: Counter[str] = Counter()
@@ -99,6 +97,7 @@ class Receiver:
             live_streams=self._live_tracks,
         )
         self._cut_drain = asyncio.Event()
+        self._started: list[Lifecycle] = []
 
     async def __aenter__(self) -> Receiver:
         await self.start()
@@ -114,8 +113,12 @@ class Receiver:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        """Bind and start accepting streams."""
+        """Start the sinks' per-process resources, bind and start accepting streams."""
         s = self.settings
+        for _, factory in self.sink_factories:
+            if isinstance(factory, Lifecycle) and factory not in self._started:
+                await factory.start(s, registry=self.metrics.registry)
+                self._started.append(factory)
         if self.ssl_context is not None and hasattr(asyncio.sslproto.SSLProtocol, "max_size"):
             asyncio.sslproto.SSLProtocol.max_size = _TLS_READ_BUFFER_BYTES
         gate = make_gate(
@@ -149,8 +152,9 @@ class Receiver:
 
     async def shutdown(self, *, drain_timeout_s: float | None = None) -> None:
         """Stop taking streams, let current ones end for ``drain_timeout_s``, then close the rest
-        with 1001 (going away) and finish every file."""
+        with 1001 (going away) and finish every file; then stop the sinks' resources."""
         if self._server is None:
+            await self._stop_resources()
             return
         self.draining = True
         timeout = self.settings.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
@@ -165,10 +169,16 @@ class Receiver:
         self._server.close(close_connections=True)
         await self._server.wait_closed()
         self._server = None
+        await self._stop_resources()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
             self._metrics_server = None
+
+    async def _stop_resources(self) -> None:
+        """Every stream's sinks are closed: now the resources they shared, last started first."""
+        while self._started:
+            await self._started.pop().stop()
 
     @property
     def active_streams(self) -> int:
@@ -298,7 +308,7 @@ class StreamHandler:
             self.log.exception("internal error")
         finally:
             try:
-                end = self._finish(end)
+                end = await self._finish(end)
             finally:
                 self.ws.release()  # what the client sent after the end: its close, typically
         if end.kind in _WE_CLOSE and end.close_code is not None:
@@ -433,8 +443,9 @@ class StreamHandler:
         self.log.error("closing with %d: %s", exc.close_code, reason)
         return StreamEnd("error", exc.close_code, reason)
 
-    def _finish(self, end: StreamEnd) -> StreamEnd:
-        """Flush what is pending and close every sink, whatever happened before.
+    async def _finish(self, end: StreamEnd) -> StreamEnd:
+        """Flush what is pending and close every sink, whatever happened before; then await
+        the sinks' ``aclose`` (after the files are finished).
 
         Returns how the stream ended: a stop after which no sink is left is a failed recording.
         """
@@ -462,7 +473,7 @@ class StreamHandler:
                 sink_errors=sink_errors,
             )
 
-        fanout.close(summary)
+        await fanout.aclose(fanout.close(summary))
         stats = session.track_stats if session else {}
         duration_s = (datetime.now(UTC) - self.info.started_at).total_seconds()
         self.receiver.metrics.stream_finished(

@@ -23,13 +23,7 @@ from receiver.session import DtmfRecord, TrackStats
 from receiver.simulate import build_messages, play
 from receiver.sinks import WavSink
 from receiver.sinks.base import StreamEnd, StreamInfo, StreamSummary
-from receiver.sinks.redis_stream import (
-    PublisherConfig,
-    RedisSink,
-    RedisSinkError,
-    close_publishers,
-    publisher_for,
-)
+from receiver.sinks.redis.sink import RedisOptions, RedisPublisher, RedisSink, RedisSinkError
 from tests.conftest import (
     TOKEN,
     StartReceiver,
@@ -67,11 +61,24 @@ def prefix() -> str:
     return f"t{uuid.uuid4().hex[:8]}"
 
 
-@pytest.fixture(autouse=True)
-async def _publishers() -> AsyncIterator[None]:
-    """Each test gets new publishers (threads, pools), closed after it."""
-    yield
-    await asyncio.to_thread(close_publishers, timeout_s=5)
+@pytest.fixture
+async def publisher() -> AsyncIterator[Any]:
+    """``publisher(url, ...)`` makes a writer thread for a sink used alone; all shut down after."""
+    made: list[RedisPublisher] = []
+
+    def make(url: str, *, max_queued_bytes: int = 64 * 1024 * 1024) -> RedisPublisher:
+        made.append(RedisPublisher(url=url, max_queued_bytes=max_queued_bytes))
+        return made[-1]
+
+    yield make
+    for each in made:
+        await asyncio.to_thread(each.shutdown, timeout_s=5)
+
+
+def options(prefix: str, *, flush_timeout_s: float = 2.0) -> RedisOptions:
+    return RedisOptions(
+        prefix=prefix, maxlen=100_000, ttl_s=86_400, flush_timeout_s=flush_timeout_s
+    )
 
 
 def recording(receiver: Receiver, sid: str) -> Path:
@@ -282,7 +289,7 @@ async def test_redis_never_started_leaves_wav_complete_and_names_the_error(
     assert record["status"] == "complete"
     assert len(record["sink_errors"]) == 1
     assert "sink 'redis' failed" in record["sink_errors"][0]
-    assert "Redis write failed" in record["sink_errors"][0]
+    assert "Redis unreachable" in record["sink_errors"][0]
     assert receiver.counters["sink_errors_redis"] == 1
 
 
@@ -358,33 +365,37 @@ def _info(sid: str) -> StreamInfo:
     )
 
 
-async def test_slow_redis_drops_new_batches_counts_them_and_consumer_keeps_the_timeline(
-    own_redis: RedisServer, tmp_path: Path, prefix: str
+async def test_slow_redis_drops_old_batches_counts_them_and_consumer_keeps_the_timeline(
+    own_redis: RedisServer, tmp_path: Path, prefix: str, publisher: Any
 ) -> None:
-    """A frozen Redis: the queue stays bounded, dropped batches are counted in the stop entry and
-    raised from close, and the consumer puts zeros of their length in their place."""
+    """A frozen Redis: the queue stays bounded by dropping the oldest batches, counted in the stop
+    entry, raised from close and published as a gap; the consumer puts zeros in their place."""
     batch, batches = 1600, 40
     audio = (np.sin(np.arange(batch * batches) / 7) * 8000).astype(np.int16)
-    publisher = publisher_for(PublisherConfig(own_redis.url, max_queued_bytes=20_000))
-    sink = RedisSink(publisher, prefix=prefix, flush_timeout_s=0.3)
+    writer = publisher(own_redis.url, max_queued_bytes=20_000)
+    sink = RedisSink(writer, options(prefix, flush_timeout_s=0.3))
     own_redis.pause()
     try:
         sink.open(_info("slow"))
         for i in range(batches):
             sink.write("inbound", i * batch, audio[i * batch : (i + 1) * batch])
         sink.event(DtmfRecord("1", 10.0, None, None))
-        assert publisher.queued_bytes <= 20_000
-        assert 0 < sink.dropped_batches < batches
+        assert writer.queued_bytes <= 20_000
+        dropped = sink._state.dropped_batches if sink._state else 0
+        assert 0 < dropped < batches
         summary = StreamSummary(
             end=StreamEnd("stop"),
             ended_at=datetime.now(UTC),
             sample_rate_hz=8000,
             tracks={"inbound": TrackStats(samples=len(audio))},
         )
-        with pytest.raises(RedisSinkError, match="not confirmed"):
+        with pytest.raises(RedisSinkError, match="dropped"):
             sink.close(summary)
     finally:
         own_redis.resume()
+    assert sink._state is not None
+    # Counted after close: its stop entry made room by dropping one more batch, maybe.
+    dropped, dropped_samples = sink._state.dropped_batches, sink._state.dropped_samples
 
     out = tmp_path / "rebuilt"
     consumer = ConsumeProcess(
@@ -396,9 +407,12 @@ async def test_slow_redis_drops_new_batches_counts_them_and_consumer_keeps_the_t
     assert record["status"] == "incomplete"
     stop = record["stop"]["redis"]
     assert stop["complete"] is False
-    assert stop["dropped_batches"] == sink.dropped_batches
-    assert stop["dropped_samples"] == sink.dropped_batches * batch
-    assert record["tracks"]["inbound"]["missing_samples"] == sink.dropped_samples
+    assert stop["dropped_batches"] == dropped
+    assert stop["dropped_samples"] == dropped * batch == dropped_samples
+    assert record["tracks"]["inbound"]["missing_samples"] == dropped_samples
+    # The gap entries name exactly the spans that are missing.
+    spans = [s for gap in record["outages"] for s in gap["tracks"]["inbound"]]
+    assert sum(s["samples"] for s in spans) == dropped_samples
     got, _ = read_wav(rebuilt / "inbound.wav")
     assert len(got) == len(audio)
     with own_redis.client() as client:
@@ -407,18 +421,20 @@ async def test_slow_redis_drops_new_batches_counts_them_and_consumer_keeps_the_t
     for _, fields in delivered:
         start = int(fields[b"position"])
         kept[start : start + len(fields[b"samples"]) // 2] = True
-    assert kept.sum() == len(audio) - sink.dropped_samples
+    assert kept.sum() == len(audio) - dropped_samples
+    for span in spans:
+        assert not kept[span["start"] : span["start"] + span["samples"]].any()
     np.testing.assert_array_equal(got[kept], audio[kept])
     assert not got[~kept].any()
 
 
 async def test_stream_of_a_dead_worker_is_claimed_and_rebuilt_by_another(
-    redis_server: RedisServer, tmp_path: Path, prefix: str
+    redis_server: RedisServer, tmp_path: Path, prefix: str, publisher: Any
 ) -> None:
     """While a worker lives its stream stays its own; once it dies another worker of the group
     claims the stream and rebuilds it from its first entry."""
     audio = (np.sin(np.arange(16_000) / 5) * 9000).astype(np.int16)
-    sink = RedisSink(publisher_for(PublisherConfig(redis_server.url)), prefix=prefix)
+    sink = RedisSink(publisher(redis_server.url), options(prefix))
     sink.open(_info("claimed"))
     sink.write("inbound", 0, audio[:8000])
     out = tmp_path / "rebuilt"

@@ -1,16 +1,20 @@
 """Sinks: where streams go. ``Fanout`` runs several per stream, each isolated from the others.
 
 Sinks are found by name: the built-in ones below, then the ``receiver.sinks`` entry-point group,
-whose objects are ``SinkFactory`` callables (``Settings -> Sink``).
+whose objects are ``SinkFactory`` callables (``Settings -> Sink``), or classes whose instances
+are (made once per call of ``load_sink_factories``: one per ``Receiver``, never a module global).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from importlib.metadata import entry_points
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -18,12 +22,17 @@ from numpy.typing import NDArray
 from receiver.events import Track
 from receiver.exceptions import ConfigError, SinkError
 from receiver.session import DtmfRecord, MarkRecord
-from receiver.sinks.base import Sink, SinkFactory, StreamInfo, StreamSummary
+from receiver.sinks.base import AsyncSink, Lifecycle, Sink, SinkFactory, StreamInfo, StreamSummary
 from receiver.sinks.memory import MemorySink
 from receiver.sinks.wav import WavSink
 
+if TYPE_CHECKING:
+    from receiver.settings import Settings
+
 __all__ = [
+    "AsyncSink",
     "Fanout",
+    "Lifecycle",
     "MemorySink",
     "Sink",
     "SinkFactory",
@@ -31,6 +40,7 @@ __all__ = [
     "StreamSummary",
     "WavSink",
     "load_sink_factories",
+    "sink_factories_for",
 ]
 
 ENTRY_POINT_GROUP = "receiver.sinks"
@@ -45,10 +55,22 @@ def load_sink_factories(names: Sequence[str]) -> list[tuple[str, SinkFactory]]:
         if name in _BUILT_IN:
             factories.append((name, _BUILT_IN[name]))
         elif name in found:
-            factories.append((name, found[name].load()))
+            loaded = found[name].load()
+            # A class stands for its instance: per-process state lives in that object.
+            factories.append((name, loaded() if isinstance(loaded, type) else loaded))
         else:
             known = ", ".join(sorted(set(_BUILT_IN) | set(found)))
             raise ConfigError("RECEIVER_SINKS", f"unknown sink {name!r} (known: {known})")
+    return factories
+
+
+def sink_factories_for(settings: Settings) -> list[tuple[str, SinkFactory]]:
+    """``RECEIVER_SINKS``' factories, plus delivery (uploads, webhooks) when it is configured."""
+    factories = load_sink_factories(settings.sinks)
+    if settings.upload_url is not None or settings.webhook_url is not None:
+        from receiver.delivery import Delivery
+
+        factories.append(("delivery", Delivery()))
     return factories
 
 
@@ -111,16 +133,51 @@ class Fanout:
         for name, sink in list(self._live):
             self._call(name, sink, "event", sink.event, record)
 
-    def close(self, summary_for: Callable[[tuple[str, ...]], StreamSummary]) -> None:
+    @property
+    def directory(self) -> Path | None:
+        """Where the record sink (``writes_record``) put the stream's files, if it did."""
+        for _, sink in self._sinks:
+            found = getattr(sink, "directory", None) if _writes_record(sink) else None
+            if found is not None:
+                return Path(found)
+        return None
+
+    def close(self, summary_for: Callable[[tuple[str, ...]], StreamSummary]) -> StreamSummary:
         """Close every sink, failed ones too; ``summary_for(errors)`` builds the summary.
 
         Sinks that keep the stream's record (``writes_record = True``, like ``wav`` and its
         ``stream.json``) close last, with a summary that includes what the others raised
-        while closing.
+        while closing. Returns the last summary handed out (the record's), for ``aclose``.
         """
-        ordered = sorted(self._sinks, key=lambda pair: getattr(pair[1], "writes_record", False))
+        ordered = sorted(self._sinks, key=lambda pair: _writes_record(pair[1]))
+        summary = summary_for(tuple(self.errors))
         for name, sink in ordered:
-            self._call(name, sink, "close", sink.close, summary_for(tuple(self.errors)))
+            summary = summary_for(tuple(self.errors))
+            self._call(name, sink, "close", sink.close, summary)
+        return summary
+
+    async def aclose(self, summary: StreamSummary) -> None:
+        """Await the ``aclose`` of the sinks that have one, together, after every ``close``.
+
+        They see ``summary.directory``; what they raise is logged and counted like any sink
+        error (the record is already written, so it is not in ``stream.json``).
+        """
+        closing = [
+            (name, sink, method)
+            for name, sink in self._sinks
+            if (method := getattr(sink, "aclose", None)) is not None
+        ]
+        if not closing:
+            return
+        summary = replace(summary, directory=self.directory)
+        results = await asyncio.gather(
+            *(method(summary) for _, _, method in closing), return_exceptions=True
+        )
+        for (name, sink, _), result in zip(closing, results, strict=True):
+            if isinstance(result, Exception):
+                self._fail(name, sink, "aclose", result)
+            elif isinstance(result, BaseException):
+                raise result
 
     def _call(
         self, name: str, sink: Sink, step: str, method: Callable[[Any], None], arg: Any
@@ -136,3 +193,8 @@ class Fanout:
         self._logger.error("%s during %s", error, step)
         self._on_error(name)
         self._live = [(n, s) for n, s in self._live if s is not sink]
+
+
+def _writes_record(sink: Sink) -> bool:
+    # getattr: sinks of entry points written before the attribute was in the protocol.
+    return bool(getattr(sink, "writes_record", False))

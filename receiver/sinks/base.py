@@ -12,11 +12,23 @@ A sink is created per stream (by a ``SinkFactory``) and sees the stream's whole 
    never modify it, copy what you keep.
 3. ``event(record)`` for each DTMF digit and mark, with its place on the timeline.
 4. ``close(summary)`` once, however the stream ended (stop, client close, protocol error,
-   shutdown), also after a failed ``open`` or ``write``.
+   shutdown), also after a failed ``open`` or ``write``. Sinks with ``writes_record = True``
+   (the wav sink and its ``stream.json``) close after the others, so the record names what
+   they raised.
+5. ``aclose(summary)``, only for sinks that define it (``AsyncSink``): awaited after every
+   ``close``, so after the files are finished; ``summary.directory`` then names where the
+   record sink put them. For I/O to confirm or hand on (a Redis flush, a delivery queue)
+   without blocking the loop; what it raises is logged and counted.
 
 Calls come from the event loop: keep each one short (a buffered file write, a queue put). A sink
 that raises is logged, counted and named in ``stream.json``; it never takes the server or the
 other sinks down (see ``receiver.sinks.Fanout``).
+
+Resources shared by every stream of a process (a Redis connection, an object store client, the
+delivery queue) belong to the factory: a factory that is also a ``Lifecycle`` is started by the
+``Receiver`` before its first stream and stopped after its last one. An entry point may name a
+class; it is instantiated once per ``Receiver`` (``load_sink_factories``), so that nothing is
+shared through module globals.
 """
 
 from __future__ import annotations
@@ -24,7 +36,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -34,6 +47,8 @@ from receiver.events import Start, Track
 from receiver.session import DtmfRecord, MarkRecord, TrackStats
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from receiver.settings import Settings
 
 EndKind = Literal[
@@ -98,6 +113,8 @@ class StreamSummary:
     messages: int = 0
     unknown_events: tuple[str, ...] = ()
     sink_errors: tuple[str, ...] = ()
+    # Where the record sink put the files; set for ``aclose`` only (not part of stream.json).
+    directory: Path | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The stream's outcome, as ``stream.json`` records it."""
@@ -125,6 +142,14 @@ class StreamSummary:
 class Sink(Protocol):
     """Receives one stream's audio and events; see the module docstring for the contract."""
 
+    @property
+    def location(self) -> str | None:
+        """Where the stream went (``files in DIR``, ``redis KEY``), for its last log line."""
+
+    @property
+    def writes_record(self) -> bool:
+        """True for the sink that writes ``stream.json``: it closes after the others."""
+
     def open(self, info: StreamInfo) -> None:
         """The stream started; ``info.codec`` is None when its audio cannot be decoded."""
 
@@ -138,5 +163,24 @@ class Sink(Protocol):
         """The stream ended; finish every file. Called exactly once."""
 
 
+@runtime_checkable
+class AsyncSink(Sink, Protocol):
+    """A sink with I/O to finish after the files: ``aclose`` is awaited after every ``close``."""
+
+    async def aclose(self, summary: StreamSummary) -> None:
+        """Confirm or hand on the stream without blocking the loop; ``summary.directory`` set."""
+
+
 SinkFactory = Callable[["Settings"], Sink]
 """Builds one sink per stream from the settings; what the ``receiver.sinks`` entry points name."""
+
+
+@runtime_checkable
+class Lifecycle(Protocol):
+    """Per-process resources of a sink factory, started and stopped by the ``Receiver``."""
+
+    async def start(self, settings: Settings, *, registry: CollectorRegistry) -> None:
+        """Before the first stream: connect, resume queues, register metrics in ``registry``."""
+
+    async def stop(self) -> None:
+        """After the last stream's sinks closed: flush what can be, release the resources."""
