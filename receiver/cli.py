@@ -106,10 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=_simulate)
 
     from receiver.consume import add_consume_parser
+    from receiver.delivery.command import add_upload_parser
     from receiver.streams_cli import add_streams_parser
 
     add_streams_parser(sub)
     add_consume_parser(sub)
+    add_upload_parser(sub)
 
     return parser
 

@@ -97,6 +97,7 @@ class Delivery:
         self._upload_wake = asyncio.Event()
         self._webhook_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._passed = asyncio.Condition()
         self.recordings_dir: Path | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -107,6 +108,9 @@ class Delivery:
         self.dirs = QueueDirs.under(settings.recordings_dir)
         await asyncio.to_thread(self.dirs.make)
         self.metrics = DeliveryMetrics(registry)
+        # Read at scrape time: the queue is the directory.
+        self.metrics.uploads_pending.set_function(lambda: self.pending()[0])
+        self.metrics.webhooks_pending.set_function(lambda: self.pending()[1])
         self.delete_local = settings.upload_delete_local
         first, cap = settings.delivery_retry_first_s, settings.delivery_retry_max_s
         self._upload_backoff = Backoff(first, cap)
@@ -145,6 +149,27 @@ class Delivery:
 
     def __call__(self, settings: Settings) -> DeliverySink:
         return DeliverySink(self)
+
+    def pending(self) -> tuple[int, int]:
+        """Streams waiting for upload and events waiting for delivery (counts on disk)."""
+        if self.dirs is None:
+            return 0, 0
+        return len(items(self.dirs.uploads)), len(items(self.dirs.webhooks))
+
+    async def wait_delivered(self) -> None:
+        """Until nothing is pending (tests, and a program that wants to exit after a backfill)."""
+        async with self._passed:
+            await self._passed.wait_for(
+                lambda: (
+                    self.dirs is not None
+                    and not items(self.dirs.streams)
+                    and self.pending() == (0, 0)
+                )
+            )
+
+    async def _notify_pass(self) -> None:
+        async with self._passed:
+            self._passed.notify_all()
 
     # --- what the sinks tell ---------------------------------------------------------------
 
@@ -220,10 +245,10 @@ class Delivery:
         while True:
             self._upload_wake.clear()
             pending = await asyncio.to_thread(items, self.dirs.uploads)
-            self.metrics.uploads_pending.set(len(pending))
             for path in pending:
                 if self._upload_backoff.ready(path.name):
                     await self._upload_one(path)
+            await self._notify_pass()
             await _wait(self._upload_wake, self._upload_backoff.next_due_s())
 
     async def _upload_one(self, path: Path) -> None:
@@ -275,7 +300,6 @@ class Delivery:
         while True:
             self._webhook_wake.clear()
             pending = await asyncio.to_thread(items, self.dirs.webhooks)
-            self.metrics.webhooks_pending.set(len(pending))
             for path in pending:
                 if not self._webhook_backoff.ready(path.name):
                     continue
@@ -296,6 +320,7 @@ class Delivery:
                     item.get("type"), item.get("id"), webhooks.shown_url(self.sender.url),
                     why, delay,
                 )  # fmt: skip
+            await self._notify_pass()
             await _wait(self._webhook_wake, self._webhook_backoff.next_due_s())
 
 
