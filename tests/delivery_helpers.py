@@ -92,10 +92,12 @@ def moto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoServer
 
 
 class WebhookServer:
-    """An HTTP server recording every POST; it answers ``statuses`` in turn, then 200."""
+    """An HTTP server recording every POST; for each webhook-id it answers ``statuses`` in
+    turn, then 200."""
 
     def __init__(self, statuses: list[int] | None = None, *, port: int | None = None) -> None:
         self.statuses = list(statuses or [])
+        self.seen: dict[str, int] = {}
         self.received: list[tuple[dict[str, str], bytes, int]] = []
         self.changed = threading.Condition()
         outer = self
@@ -104,7 +106,9 @@ class WebhookServer:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
                 with outer.changed:
-                    status = outer.statuses.pop(0) if outer.statuses else 200
+                    msg_id = self.headers.get("webhook-id", "")
+                    n = outer.seen[msg_id] = outer.seen.get(msg_id, 0) + 1
+                    status = outer.statuses[n - 1] if n <= len(outer.statuses) else 200
                     outer.received.append((dict(self.headers.items()), body, status))
                     outer.changed.notify_all()
                 self.send_response(status)

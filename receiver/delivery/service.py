@@ -123,6 +123,11 @@ class Delivery:
                 concurrency=settings.upload_concurrency,
             )
         if settings.webhook_url is not None and settings.webhook_secret is not None:
+            # httpx logs each request's whole URL at INFO, and a webhook URL's query may hold
+            # a token: its request lines stay out of our logs (our own line shows no query).
+            httpx_logger = logging.getLogger("httpx")
+            if httpx_logger.level == logging.NOTSET:
+                httpx_logger.setLevel(logging.WARNING)
             self.sender = webhooks.WebhookSender(
                 url=settings.webhook_url,
                 secret=settings.webhook_secret.get_secret_value(),
