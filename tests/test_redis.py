@@ -467,3 +467,81 @@ async def test_stream_of_a_dead_worker_is_claimed_and_rebuilt_by_another(
     assert record_of(rebuilt)["status"] == "complete"
     with redis_server.client() as client:
         assert client.xpending(f"{prefix}:control", "receiver-consume")["pending"] == 0
+
+
+@pytest.fixture
+def persistent_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test with an append-only file: a restart keeps what it had."""
+    server = RedisServer(tmp_path / "redis-aof", persistent=True)
+    yield server
+    server.stop()
+
+
+async def test_redis_restarted_mid_stream_rebuild_holds_all_outside_the_outage_and_marks_it(
+    start_receiver: StartReceiver,
+    client_ssl: ssl.SSLContext,
+    speech: Any,
+    tmp_path: Path,
+    persistent_redis: RedisServer,
+    prefix: str,
+) -> None:
+    """Redis down for a while in the middle of a live stream, with a queue too small to hold the
+    outage: the wav files are sample-exact, the receiver carries on once Redis is back, and the
+    consumer's rebuild equals the wav file everywhere but the spans the gap entries name."""
+    encoded = {t: sox_encode(speech[t].wav[8000], "ul", tmp_path / f"{t}.ul") for t in speech}
+    messages = build_messages(codec=PCMU, tracks=encoded, stream_sid="restarted")
+    out = tmp_path / "rebuilt"
+    consumer = ConsumeProcess(
+        tmp_path, consume_cmd(persistent_redis.url, prefix, "-o", out, "--count", "1")
+    )
+    await said(consumer, "working as")
+    # 20 kB of queue: well under the outage's audio, so the oldest batches are dropped.
+    factory = ("redis", redis_factory(persistent_redis.url, prefix, redis_max_queued_bytes=20_000))
+    receiver = await start_receiver(sink_factories=[("wav", WavSink.from_settings), factory])
+    loop = asyncio.get_running_loop()
+    down, up = asyncio.Event(), asyncio.Event()
+
+    def progress(sent: int, total: int) -> None:
+        if sent == total // 4:
+            loop.call_soon(down.set)
+        if sent == total * 3 // 4:
+            loop.call_soon(up.set)
+
+    async def outage() -> None:
+        await down.wait()
+        await asyncio.to_thread(persistent_redis.stop)
+        await up.wait()
+        await asyncio.to_thread(persistent_redis.restart)
+
+    restarting = asyncio.create_task(outage())
+    result = await play(
+        url(receiver),
+        messages,
+        token=TOKEN,
+        ssl_context=client_ssl,
+        frame_interval_s=0.02,
+        frames_per_interval=2,
+        progress=progress,
+    )
+    assert result.close_code == 1000, result
+    await restarting
+    await wait_idle(receiver)
+    await asyncio.to_thread(consumer.finish, timeout_s=90)
+
+    recorded, rebuilt = recording(receiver, "restarted"), only_dir(out)
+    record = record_of(rebuilt)
+    assert record["status"] == "incomplete" and "dropped" in record["reason"], record["reason"]
+    assert record["outages"], record
+    for track in ("inbound", "outbound"):
+        want, _ = read_wav(recorded / f"{track}.wav")
+        np.testing.assert_array_equal(want, sox_decode(tmp_path / f"{track}.ul", "ul"))
+        got, _ = read_wav(rebuilt / f"{track}.wav")
+        assert len(got) == len(want)
+        lost = np.zeros(len(want), dtype=bool)
+        for gap in record["outages"]:
+            for span in gap["tracks"].get(track, []):
+                lost[span["start"] : span["start"] + span["samples"]] = True
+        np.testing.assert_array_equal(got[~lost], want[~lost])
+        assert not got[lost].any()
+    assert any(gap["tracks"] for gap in record["outages"])
+    assert record["stop"]["redis"]["dropped_batches"] > 0
