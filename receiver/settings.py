@@ -134,6 +134,12 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return value
 
+    @field_validator("upload_url", "webhook_url", "webhook_secret", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # docker compose passes ${VAR:-} as an empty string: that means "off", not a URL.
+        return None if value == "" else value
+
     @field_validator("upload_url")
     @classmethod
     def _check_upload_url(cls, value: str | None) -> str | None:
