@@ -345,10 +345,12 @@ def _read_record(directory: Path) -> dict[str, Any]:
 
 
 class DeliverySink:
-    """One stream's side of ``Delivery``: no audio, only the stream's start and end."""
+    """One stream's side of ``Delivery``: no audio, only the stream's start and end. It closes
+    after the record sink (``delivers_record``), once the files are finished."""
 
     location: str | None = None
     writes_record = False
+    delivers_record = True
 
     def __init__(self, delivery: Delivery) -> None:
         self._delivery = delivery
@@ -365,7 +367,7 @@ class DeliverySink:
         """Events reach webhooks through ``stream.json``."""
 
     def close(self, summary: StreamSummary) -> None:
-        """Nothing to finish before the files are."""
+        """Without an event loop (a program driving sinks itself): nothing is delivered."""
 
     async def aclose(self, summary: StreamSummary) -> None:
         """The files are finished (``summary.directory``): queue the upload and the event."""

@@ -7,7 +7,6 @@ are (made once per call of ``load_sink_factories``: one per ``Receiver``, never 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -137,47 +136,46 @@ class Fanout:
     def directory(self) -> Path | None:
         """Where the record sink (``writes_record``) put the stream's files, if it did."""
         for _, sink in self._sinks:
-            found = getattr(sink, "directory", None) if _writes_record(sink) else None
+            found = getattr(sink, "directory", None) if getattr(sink, "writes_record", 0) else None
             if found is not None:
                 return Path(found)
         return None
 
-    def close(self, summary_for: Callable[[tuple[str, ...]], StreamSummary]) -> StreamSummary:
+    def close(self, summary_for: Callable[[tuple[str, ...]], StreamSummary]) -> None:
         """Close every sink, failed ones too; ``summary_for(errors)`` builds the summary.
 
-        Sinks that keep the stream's record (``writes_record = True``, like ``wav`` and its
-        ``stream.json``) close last, with a summary that includes what the others raised
-        while closing. Returns the last summary handed out (the record's), for ``aclose``.
+        In three groups (see ``receiver.sinks.base``): the others, then the sinks that keep the
+        stream's record (``writes_record``: ``wav`` and its ``stream.json``), with a summary
+        that includes what the others raised while closing, then those that deliver it.
         """
-        ordered = sorted(self._sinks, key=lambda pair: _writes_record(pair[1]))
-        summary = summary_for(tuple(self.errors))
-        for name, sink in ordered:
-            summary = summary_for(tuple(self.errors))
-            self._call(name, sink, "close", sink.close, summary)
-        return summary
+        for name, sink in self._ordered():
+            self._call(name, sink, "close", sink.close, self._summary(summary_for))
 
-    async def aclose(self, summary: StreamSummary) -> None:
-        """Await the ``aclose`` of the sinks that have one, together, after every ``close``.
+    async def aclose(self, summary_for: Callable[[tuple[str, ...]], StreamSummary]) -> None:
+        """``close``, awaiting the sinks that finish off the event loop (an ``aclose``)."""
+        for name, sink in self._ordered():
+            summary = self._summary(summary_for)
+            aclose = getattr(sink, "aclose", None)
+            if aclose is None:
+                self._call(name, sink, "close", sink.close, summary)
+                continue
+            try:
+                await aclose(summary)
+            except Exception as exc:  # noqa: BLE001 - isolate the sink, keep the stream
+                self._fail(name, sink, "close", exc)
 
-        They see ``summary.directory``; what they raise is logged and counted like any sink
-        error (the record is already written, so it is not in ``stream.json``).
-        """
-        closing = [
-            (name, sink, method)
-            for name, sink in self._sinks
-            if (method := getattr(sink, "aclose", None)) is not None
-        ]
-        if not closing:
-            return
-        summary = replace(summary, directory=self.directory)
-        results = await asyncio.gather(
-            *(method(summary) for _, _, method in closing), return_exceptions=True
-        )
-        for (name, sink, _), result in zip(closing, results, strict=True):
-            if isinstance(result, Exception):
-                self._fail(name, sink, "aclose", result)
-            elif isinstance(result, BaseException):
-                raise result
+    def _ordered(self) -> list[tuple[str, Sink]]:
+        def group(pair: tuple[str, Sink]) -> int:
+            sink = pair[1]
+            # getattr: sinks of entry points written before the attributes were in the protocol.
+            if getattr(sink, "delivers_record", False):
+                return 2
+            return 1 if getattr(sink, "writes_record", False) else 0
+
+        return sorted(self._sinks, key=group)
+
+    def _summary(self, summary_for: Callable[[tuple[str, ...]], StreamSummary]) -> StreamSummary:
+        return replace(summary_for(tuple(self.errors)), directory=self.directory)
 
     def _call(
         self, name: str, sink: Sink, step: str, method: Callable[[Any], None], arg: Any
@@ -193,8 +191,3 @@ class Fanout:
         self._logger.error("%s during %s", error, step)
         self._on_error(name)
         self._live = [(n, s) for n, s in self._live if s is not sink]
-
-
-def _writes_record(sink: Sink) -> bool:
-    # getattr: sinks of entry points written before the attribute was in the protocol.
-    return bool(getattr(sink, "writes_record", False))

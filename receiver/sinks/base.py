@@ -12,13 +12,15 @@ A sink is created per stream (by a ``SinkFactory``) and sees the stream's whole 
    never modify it, copy what you keep.
 3. ``event(record)`` for each DTMF digit and mark, with its place on the timeline.
 4. ``close(summary)`` once, however the stream ended (stop, client close, protocol error,
-   shutdown), also after a failed ``open`` or ``write``. Sinks with ``writes_record = True``
-   (the wav sink and its ``stream.json``) close after the others, so the record names what
-   they raised.
-5. ``aclose(summary)``, only for sinks that define it (``AsyncSink``): awaited after every
-   ``close``, so after the files are finished; ``summary.directory`` then names where the
-   record sink put them. For I/O to confirm or hand on (a Redis flush, a delivery queue)
-   without blocking the loop; what it raises is logged and counted.
+   shutdown), also after a failed ``open`` or ``write``. A sink with work to finish that would
+   hold the event loop (the wav sink: the stereo mix, a large ``stream.json``; the redis sink:
+   waiting for its last entry to be written) may define ``async aclose(summary)`` instead
+   (``AsyncSink``), which the server awaits in its place.
+
+Sinks close in three groups, each in turn: the others; then those with ``writes_record = True``
+(the wav sink and its ``stream.json``), so that the record names what the others raised; then
+those with ``delivers_record = True`` (uploads, webhooks: an optional attribute), which need
+the files finished. ``summary.directory`` names where the record sink put them.
 
 Calls come from the event loop: keep each one short (a buffered file write, a queue put). A sink
 that raises is logged, counted and named in ``stream.json``; it never takes the server or the
@@ -112,8 +114,10 @@ class StreamSummary:
     marks: tuple[MarkRecord, ...] = ()
     messages: int = 0
     unknown_events: tuple[str, ...] = ()
+    # What the stream sent past its bounds (receiver.session.Dropped, unknown event names).
+    dropped: Mapping[str, int] = field(default_factory=dict)
     sink_errors: tuple[str, ...] = ()
-    # Where the record sink put the files; set for ``aclose`` only (not part of stream.json).
+    # Where the record sink put the files (not part of stream.json).
     directory: Path | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -135,6 +139,7 @@ class StreamSummary:
             ],
             "marks": [{"name": m.name, "at_ms": m.at_ms} for m in self.marks],
             "unknown_events": list(self.unknown_events),
+            "dropped": dict(self.dropped),
             "sink_errors": list(self.sink_errors),
         }
 
@@ -165,10 +170,10 @@ class Sink(Protocol):
 
 @runtime_checkable
 class AsyncSink(Sink, Protocol):
-    """A sink with I/O to finish after the files: ``aclose`` is awaited after every ``close``."""
+    """A sink whose end has I/O to wait for: ``aclose`` is awaited in place of ``close``."""
 
     async def aclose(self, summary: StreamSummary) -> None:
-        """Confirm or hand on the stream without blocking the loop; ``summary.directory`` set."""
+        """The stream ended: finish without blocking the event loop. Called exactly once."""
 
 
 SinkFactory = Callable[["Settings"], Sink]

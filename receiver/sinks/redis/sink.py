@@ -491,7 +491,7 @@ class RedisSink:
         self._control("stop", data, droppable=False, final=True)
         if self._reported:
             return  # the error already reached the Fanout
-        # What close raises is in stream.json: aclose then does not repeat it.
+        # What close raises reaches the Fanout: aclose then does not wait or repeat it.
         if state.error is not None:
             self._reported = True
             raise RedisSinkError(state.error)
@@ -511,7 +511,9 @@ class RedisSink:
             )
 
     async def aclose(self, summary: StreamSummary) -> None:
-        """Wait (without blocking the loop) up to the flush timeout for ``stop`` to be written."""
+        """``close``, then wait (without blocking the loop) up to the flush timeout for ``stop``
+        to be written: what fails is named in ``stream.json`` (the wav sink closes after)."""
+        self.close(summary)
         state, timeout_s = self._state, self.options.flush_timeout_s
         if state is None or timeout_s <= 0 or self._reported:
             return
@@ -536,6 +538,7 @@ class RedisSink:
                 + (" (Redis unreachable; entries stay queued)" if down else "")
             ) from None
         if state.error is not None:
+            self._reported = True
             raise RedisSinkError(state.error)
 
     def _report_gaps(self) -> None:
