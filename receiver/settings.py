@@ -1,8 +1,8 @@
 """Every setting of the receiver, read once at the edge (the CLI) and passed down as values.
 
 Sources, strongest first: CLI flags (passed as init arguments), ``RECEIVER_*`` environment
-variables, a ``.env`` file in the working directory, the defaults below. This is the only module
-that reads the environment.
+variables, a ``.env`` file in the working directory, the defaults below. The receiver's own
+``RECEIVER_*`` variables are read here only (``receiver streams`` reads ``SIGNALWIRE_*`` itself).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
+from receiver.codecs import ByteOrder
 from receiver.exceptions import ConfigError
 
 ENV_PREFIX = "RECEIVER_"
 
-ByteOrder = Literal["little", "big"]
 SampleFormat = Literal["pcm16", "native"]
 FileFormat = Literal["wav", "flac"]
 EventLoop = Literal["auto", "asyncio", "uvloop"]
@@ -98,6 +98,27 @@ class Settings(BaseSettings):
     redis_max_queued_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024, le=16 * 1024**3)
     # How long a stream's end waits (on the event loop) for its last entries to be in Redis.
     redis_flush_timeout_s: float = Field(default=2.0, ge=0, le=60)
+    # --- Delivery (receiver/delivery/, README "Uploads" and "Webhooks") -------------------
+    # Where finished streams are uploaded: s3://bucket/prefix, gs://..., az://..., file:///...
+    # Credentials and endpoints come from each store's own variables (AWS_*, GOOGLE_*, AZURE_*).
+    upload_url: str | None = None
+    # Delete the local copy once every file of a stream is verified in the store.
+    upload_delete_local: bool = False
+    # Multipart part size; an upload holds at most part size x concurrency in memory.
+    upload_part_bytes: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024, le=1024**3)
+    upload_concurrency: int = Field(default=2, ge=1, le=16)
+    # One request to the store (a part, a HEAD) fails after this long and is retried.
+    upload_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    # Signed POSTs (Standard Webhooks) of stream.started, stream.ended, recording.uploaded.
+    webhook_url: str | None = None
+    # whsec_<base64 key>; required with webhook_url; never logged.
+    webhook_secret: SecretStr | None = None
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    # Retries of uploads and webhooks: exponential from the first delay up to the cap, with
+    # jitter, for ever (nothing is dropped; the queue is on disk).
+    delivery_retry_first_s: float = Field(default=1.0, gt=0, le=3600)
+    delivery_retry_max_s: float = Field(default=300.0, gt=0, le=86_400)
+    # --- end of delivery settings ------------------------------------------------------------
     log_level: LogLevel = "INFO"
     log_format: Literal["text", "json"] = "text"
     # /metrics is served on the stream port without a token; give it a port of its own (bound
@@ -143,6 +164,36 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return value
 
+    @field_validator("upload_url", "webhook_url", "webhook_secret", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # docker compose passes ${VAR:-} as an empty string: that means "off", not a URL.
+        return None if value == "" else value
+
+    @field_validator("upload_url")
+    @classmethod
+    def _check_upload_url(cls, value: str | None) -> str | None:
+        schemes = ("s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "file")
+        if value is not None and urlsplit(value).scheme not in schemes:
+            raise ValueError("must be an s3://, gs://, az:// or file:/// URL")
+        return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _check_webhook_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            from receiver.delivery.signing import parse_secret
+
+            parse_secret(value.get_secret_value())
+        return value
+
     @field_validator("sinks", mode="before")
     @classmethod
     def _split_sinks(cls, value: Any) -> Any:
@@ -165,6 +216,8 @@ class Settings(BaseSettings):
             raise ValueError(f"{ENV_PREFIX}{missing} must be set together with {ENV_PREFIX}{given}")
         if not self.sinks:
             raise ValueError(f"{ENV_PREFIX}SINKS must name at least one sink")
+        if self.webhook_url is not None and self.webhook_secret is None:
+            raise ValueError(f"{ENV_PREFIX}WEBHOOK_SECRET must be set with {ENV_PREFIX}WEBHOOK_URL")
         return self
 
     @property

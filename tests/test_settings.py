@@ -69,6 +69,7 @@ def test_no_settings_error_echoes_a_value(
         ({"tls_key": Path("KEY")}, "RECEIVER_TLS_CERT"),
         ({"tls_cert": Path("CERT")}, "RECEIVER_TLS_KEY"),
         ({"sinks": []}, "RECEIVER_SINKS"),
+        ({"webhook_url": "https://example.com/hook"}, "RECEIVER_WEBHOOK_SECRET"),
         ({"port": SECRET, "batch_ms": 1}, "RECEIVER_PORT"),
     ],
 )
