@@ -207,6 +207,7 @@ def receiver_cmd(*args: str) -> list[str]:
 def env_with(**values: str) -> dict[str, str]:
     """This process's environment without RECEIVER_* variables, plus ``values``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECEIVER_")}
+    env["RECEIVER_UI_PORT"] = ""  # the web page is off unless a test turns it on
     env.update(values)
     return env
 
