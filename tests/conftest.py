@@ -34,6 +34,16 @@ SENTENCES = {
 }
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--screenshots DIR``: where tests/test_web.py saves the web page's screenshots."""
+    parser.addoption(
+        "--screenshots",
+        metavar="DIR",
+        default=None,
+        help="save the web page's screenshots to DIR (docs to update the README's)",
+    )
+
+
 @pytest.fixture(autouse=True)
 def _hermetic_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No RECEIVER_* or SIGNALWIRE_* variable of the developer's shell leaks into a test."""

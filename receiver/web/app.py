@@ -62,7 +62,8 @@ _SECURITY_HEADERS = [
         b"form-action 'self'",
     ),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    # same-origin, not no-referrer: with no-referrer a form POST carries "Origin: null".
+    (b"referrer-policy", b"same-origin"),
     (b"x-frame-options", b"DENY"),
     (b"cache-control", b"no-store"),
 ]
@@ -138,7 +139,10 @@ class WebApp:
             Route("/api/live/events", api(self.api_live_events), methods=["GET"]),
             Route("/files/{directory}/{name}", api(self.file), methods=["GET", "HEAD"]),
         ]
-        self.asgi = _SecurityHeaders(Starlette(routes=routes))
+        app = Starlette(routes=routes)
+        # No redirects to a path without its trailing slash: a path that does not match is 404.
+        app.router.redirect_slashes = False
+        self.asgi = _SecurityHeaders(app)
 
     # --- the session -------------------------------------------------------------------
 

@@ -97,6 +97,7 @@ function showLive(streams) {
       meter.querySelector(".peak").style.left = `${(meterShare(level && level.peak) * 100).toFixed(1)}%`;
     }
   }
+  document.dispatchEvent(new CustomEvent("live-update", { detail: streams }));
   document.querySelector("#live-count").textContent = streams.length ? `(${streams.length})` : "";
   document.querySelector("#live-empty").hidden = streams.length > 0;
 }
@@ -205,15 +206,17 @@ function drawWaveform(canvas, envelope, waveform, events, color) {
   ctx.fillStyle = color;
   const step = width / waveform.points;
   for (let i = 0; i < envelope.min.length; i += 1) {
-    const top = (1 - envelope.max[i]) * height / 2;
-    const bottom = (1 - envelope.min[i]) * height / 2;
-    ctx.fillRect(i * step, top, Math.max(step, 1), Math.max(bottom - top, 1));
+    // Whole pixels, so that the wave is drawn in its own colour, not blended at the edges.
+    const left = Math.floor(i * step);
+    const top = Math.floor((1 - envelope.max[i]) * height / 2);
+    const bottom = Math.ceil((1 - envelope.min[i]) * height / 2);
+    ctx.fillRect(left, top, Math.max(1, Math.floor((i + 1) * step) - left), Math.max(bottom - top, 1));
   }
   ctx.font = `${11 * ratio}px system-ui, sans-serif`;
   for (const event of events) {
     ctx.fillStyle = ctx.strokeStyle = event.kind === "dtmf" ? "#7c3aed" : "#059669";
-    const at = x(event.at_ms / 1000);
-    ctx.fillRect(at, 0, Math.max(1, ratio * 1.5), height);
+    const at = Math.round(x(event.at_ms / 1000));
+    ctx.fillRect(at, 0, Math.max(1, Math.round(ratio * 2)), height);
     ctx.fillText(event.label, at + 3 * ratio, 12 * ratio);
   }
 }
