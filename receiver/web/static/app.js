@@ -83,7 +83,11 @@ function showLive(streams) {
     const ended = listState.liveIds && listState.liveIds.split(",").some((id) => !ids.split(",").includes(id));
     listState.liveIds = ids;
     body.replaceChildren(...streams.map(liveRow));
-    if (ended) loadFinished(); // a stream that ended is now a recording
+    if (ended) {
+      // A stream that ended is now a recording; its stream.json is final a moment later.
+      loadFinished();
+      setTimeout(loadFinished, 2500);
+    }
   }
   for (const stream of streams) {
     const row = body.querySelector(`tr[data-id="${stream.id}"]`);
