@@ -117,6 +117,7 @@ class WebApp:
         self.waveforms = Waveforms(points=config.waveform_points)
         self.closing = asyncio.Event()
         self.event_streams = 0
+        self._event, self._event_at = "", -math.inf
         self.counters: dict[str, int] = {
             "logins": 0,
             "failed_logins": 0,
@@ -342,11 +343,19 @@ class WebApp:
             yield "retry: 1000\n\n"
             interval = self.config.live_interval_s
             while not self.closing.is_set() and self.sessions.check(cookie) is not None:
-                yield f"data: {json.dumps({'live': self.levels.snapshot(), 'at': time.time()})}\n\n"
+                yield self._live_event()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.closing.wait(), timeout=interval)
         finally:
             self.event_streams -= 1
+
+    def _live_event(self) -> str:
+        """The live event of this tick, encoded once for every open view."""
+        now = time.monotonic()
+        if now - self._event_at >= self.config.live_interval_s / 2:
+            payload = {"live": self.levels.snapshot(), "at": time.time()}
+            self._event, self._event_at = f"data: {json.dumps(payload)}\n\n", now
+        return self._event
 
     async def file(self, request: Request) -> Response:
         path = resolve_file(

@@ -284,6 +284,8 @@ class Waveforms:
             self._cache.move_to_end(key)
             return self._cache[key]
         result = await asyncio.to_thread(self._compute, directory, record)
+        if record.get("status") == "recording":
+            return result  # its files still grow: computed afresh each time
         self._cache[key] = result
         while len(self._cache) > self.cached_streams:
             self._cache.popitem(last=False)
