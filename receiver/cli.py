@@ -234,8 +234,15 @@ def _serve(args: argparse.Namespace) -> int:
     ssl_context = _server_tls(settings)
     from receiver.server import Receiver
 
+    ui = None
+    if settings.ui_port is not None:  # the web page (receiver.web), beside it in this loop
+        from receiver.web import WebUI
+
+        ui = WebUI(settings)
+        sink_factories.append(ui.sink())
     receiver = Receiver(settings, ssl_context=ssl_context, sink_factories=sink_factories)
-    return _event_loop_runner(settings.event_loop)(_run_until_signal(receiver))
+    run = _run_until_signal(receiver)
+    return _event_loop_runner(settings.event_loop)(ui.serving(run) if ui else run)
 
 
 def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, int]], int]:
