@@ -11,6 +11,7 @@ import socket
 import ssl
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,13 @@ from tests.soak_helpers import read_head, upgrade_request
 from tests.test_e2e import http_get, record_of, recording, start_frame
 
 PCMU = codec_for(CLI_CODECS["pcmu"])
+
+
+async def until(condition: Callable[[], bool], *, limit_s: float = 10.0) -> None:
+    """Wait for a condition of the server's that no event announces (checked every 50 ms)."""
+    async with asyncio.timeout(limit_s):
+        while not condition():
+            await asyncio.sleep(0.05)
 
 
 def masked(opcode: Opcode, payload: bytes) -> bytes:
@@ -319,3 +327,129 @@ def test_busy_metrics_port_is_named_and_the_start_line_says_where_metrics_are(
     assert f"metrics: http://127.0.0.1:{metrics_port}/metrics" in text
     assert good.stop() == 0
     assert "stopped: 0 streams recorded" in good.log.read_text()
+
+
+async def test_plain_http_to_the_tls_port_is_a_warning_and_a_counter(
+    receiver: Receiver, client_ssl: ssl.SSLContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    """http:// or ws:// to the TLS port: one WARNING line saying so (rate-limited: three tries,
+    one line), a counter; the server stays healthy."""
+    caplog.set_level(logging.INFO)
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection("127.0.0.1", receiver.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        async with asyncio.timeout(10):
+            await reader.read()
+        writer.close()
+    assert receiver.counters["tls_handshake_failures", "plain_http"] == 3
+    lines = [r for r in caplog.records if "plain HTTP" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING
+    assert (await http_get(receiver.port, "/healthz", client_ssl))[0] == 200
+    await until(lambda: receiver.gate.pending == 0)
+
+
+async def test_handshakes_in_progress_are_capped_at_accept(
+    start_receiver: StartReceiver, client_ssl: ssl.SSLContext
+) -> None:
+    """Idle TCP connections past max_pending_handshakes_per_ip are reset at accept and
+    counted; once they go, a stream from the same address gets through."""
+    receiver = await start_receiver(max_pending_handshakes_per_ip=5)
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    reset = 0
+    for _ in range(12):
+        try:
+            idle.append(await asyncio.open_connection("127.0.0.1", receiver.port))
+        except ConnectionResetError:
+            reset += 1
+    for reader, writer in idle:
+        try:
+            async with asyncio.timeout(0.5):
+                await reader.read()
+            reset += 1
+        except ConnectionResetError:
+            reset += 1
+        except TimeoutError:
+            pass
+        writer.transport.abort()
+    assert reset == 7
+    assert receiver.counters["connections_refused", "pending_ip_limit"] == 7
+    await until(lambda: receiver.gate.pending == 0)
+    assert (await http_get(receiver.port, "/healthz", client_ssl))[0] == 200
+
+
+HOLD_CONNECTIONS = """
+import socket, sys, time
+held = []
+for _ in range(int(sys.argv[2])):
+    try:
+        held.append(socket.create_connection(("127.0.0.1", int(sys.argv[1]))))
+    except OSError:
+        pass
+print(len(held), flush=True)
+time.sleep(60)
+"""
+
+
+async def test_accept_out_of_fds_is_logged_and_counted(
+    receiver: Receiver, client_ssl: ssl.SSLContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    """accept() failing with EMFILE is one ERROR line and a counter; accepting resumes once
+    fds are free again (here the fd limit is lowered under the receiver while a client
+    process holds connections)."""
+    import resource
+    import subprocess
+    import sys
+
+    caplog.set_level(logging.INFO)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(list(Path("/proc/self/fd").iterdir()))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_CONNECTIONS, str(receiver.port), "40"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 10, hard))
+        try:
+            assert holder.stdout is not None
+            assert int(await asyncio.to_thread(holder.stdout.readline)) == 40
+            await until(lambda: receiver.counters["accept_errors", "EMFILE"] > 0)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    finally:
+        holder.kill()
+        holder.wait()
+        assert holder.stdout is not None
+        holder.stdout.close()
+    errors = [r for r in caplog.records if "cannot accept connections" in r.getMessage()]
+    assert len(errors) == 1 and errors[0].levelno == logging.ERROR
+    assert (await http_get(receiver.port, "/healthz", client_ssl))[0] == 200
+
+
+def test_serve_raises_the_fd_limit_and_refuses_streams_that_cannot_fit(
+    served: Any, tls_files: Any, tmp_path: Path
+) -> None:
+    """`receiver serve` raises the soft fd limit to the hard one; when max_streams cannot fit
+    it refuses to start with one line naming the variable."""
+    import resource
+
+    def limit(soft: int, hard: int) -> Any:
+        return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    tls_env = {"RECEIVER_TLS_CERT": str(tls_files.cert), "RECEIVER_TLS_KEY": str(tls_files.key)}
+    raised = served(preexec_fn=limit(1024, 8192), RECEIVER_TOKENS=TOKEN, **tls_env)
+    assert "file descriptor limit raised from 1024 to 8192" in raised.wait_listening()
+    assert raised.stop() == 0
+    refused = served(preexec_fn=limit(1024, 1024), RECEIVER_TOKENS=TOKEN, **tls_env)
+    assert refused.proc.wait(timeout=30) == 2
+    (line,) = refused.log.read_text().strip().splitlines()
+    assert line.startswith("receiver: RECEIVER_MAX_STREAMS:") and "need 3064" in line
+    fits = served(
+        preexec_fn=limit(1024, 1024),
+        RECEIVER_TOKENS=TOKEN,
+        RECEIVER_MAX_STREAMS="100",
+        RECEIVER_MAX_PENDING_HANDSHAKES="500",
+        **tls_env,
+    )
+    fits.wait_listening()
+    assert fits.stop() == 0
