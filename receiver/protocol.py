@@ -34,6 +34,7 @@ from receiver.exceptions import (
     UnexpectedMessage,
     UnsupportedMedia,
 )
+from receiver.text import shorten
 
 # Enough digits for any real counter; more is an attack on int parsing, not a stream.
 _MAX_DIGITS = 15
@@ -66,10 +67,17 @@ class StreamProtocol:
     for any input (the fuzz tests hold it to that).
     """
 
-    def __init__(self, *, max_custom_parameters: int = 99, max_parameter_chars: int = 4096) -> None:
+    def __init__(
+        self,
+        *,
+        max_custom_parameters: int = 99,
+        max_parameter_chars: int = 4096,
+        max_name_chars: int = _MAX_NAME_CHARS,
+    ) -> None:
         self.state = State.AWAITING_START
         self.max_custom_parameters = max_custom_parameters
         self.max_parameter_chars = max_parameter_chars
+        self.max_name_chars = max_name_chars
         self._single_track: Track | None = None
 
     def receive(self, message: str | bytes) -> Event:
@@ -97,6 +105,8 @@ class StreamProtocol:
                 if self.state is State.STOPPED:
                     raise UnexpectedMessage("a second stop")
                 self.state = State.STOPPED
+            case UnknownEvent(name=name) if len(name) > self.max_name_chars:
+                return UnknownEvent(name=name[: self.max_name_chars])
             case Connected() | UnknownEvent():
                 pass
         return event
@@ -117,7 +127,7 @@ def decode_json(text: str) -> dict[str, Any]:
     try:
         value = _JSON.decode(text)
     except (msgspec.DecodeError, RecursionError) as exc:
-        raise MalformedMessage(f"not JSON: {str(exc)[:80]}") from None
+        raise MalformedMessage(f"not JSON: {shorten(str(exc), 80)}") from None
     except UnicodeEncodeError:  # a str holding a lone surrogate: not text that JSON can be
         raise MalformedMessage("not JSON: the text is not valid Unicode") from None
     if not isinstance(value, dict):
@@ -229,7 +239,7 @@ def parse_event(obj: Mapping[str, Any], *, default_track: Track | None = None) -
             stop = obj.get("stop")
             return Stop(sequence_number=sequence_number, raw=stop if isinstance(stop, dict) else {})
         case _:
-            return UnknownEvent(name=name[:64])
+            return UnknownEvent(name=name)  # cut to max_name_chars by StreamProtocol
 
 
 def _parse_media(
@@ -251,7 +261,8 @@ def _parse_media(
     elif isinstance(raw_track, str) and raw_track in _TRACK_NAMES:
         track = _TRACK_NAMES[raw_track]
     else:
-        raise MalformedMessage(f"media.track must be inbound or outbound, got {_show(raw_track)}")
+        shown = shorten(ascii(raw_track), 24)
+        raise MalformedMessage(f"media.track must be inbound or outbound, got {shown}")
     return Media(
         track=track,
         payload=audio,
@@ -347,14 +358,9 @@ def _opt_int(obj: Mapping[str, Any], key: str, prefix: str) -> int | None:
     elif isinstance(value, str) and 0 < len(value) <= _MAX_DIGITS and value.isdigit():
         number = int(value) if value.isascii() else None
     if number is None or not 0 <= number < 10**_MAX_DIGITS:
-        raise MalformedMessage(f"{prefix}{key} must be a whole number >= 0, got {_show(value)}")
+        shown = shorten(ascii(value), 24)
+        raise MalformedMessage(f"{prefix}{key} must be a whole number >= 0, got {shown}")
     return number
-
-
-def _show(value: object) -> str:
-    """A short, safe rendering of a client value for a close reason."""
-    text = repr(value)
-    return text if len(text) <= 24 else text[:21] + "..."
 
 
 def _kind(value: object) -> str:

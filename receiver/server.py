@@ -42,7 +42,6 @@ from receiver.exceptions import (
     ProtocolError,
     RecordingFailed,
     UnsupportedMedia,
-    truncate_utf8,
 )
 from receiver.gate import ConnectionGate, PendingHandshake
 from receiver.health import HealthCheck
@@ -54,6 +53,7 @@ from receiver.session import Session
 from receiver.settings import Settings
 from receiver.sinks import Fanout, SinkFactory, StreamInfo, StreamSummary, load_sink_factories
 from receiver.sinks.base import StreamEnd
+from receiver.text import shorten
 
 logger = logging.getLogger("receiver.server")
 
@@ -66,12 +66,6 @@ _TLS_READ_BUFFER_BYTES = 32 * 1024
 _WE_CLOSE = frozenset({"protocol-error", "error", "idle-timeout", "max-duration"})
 # Close codes websockets sends when it refuses a frame: bad framing, invalid UTF-8, too big.
 _FRAME_ERRORS = frozenset({1002, 1007, 1009})
-
-
-def _short(text: str, limit: int = 48) -> str:
-    """Client text made safe for one log line: escaped, bounded."""
-    shown = text.encode("unicode_escape").decode("ascii")
-    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 class Receiver:
@@ -358,14 +352,23 @@ class StreamHandler:
         self.protocol = StreamProtocol(
             max_custom_parameters=self.settings.max_custom_parameters,
             max_parameter_chars=self.settings.max_parameter_chars,
+            max_name_chars=self.settings.max_name_chars,
         )
         self.session: Session | None = None
         self.fanout: Fanout | None = None
         self.info: StreamInfo | None = None
         self.messages = 0
         self.unknown_events: dict[str, None] = {}
+        self.unknown_events_dropped = 0
         self.log = StreamLogger(logger, {"stream_sid": "-"})
         self.on_finished: Callable[[], None] = lambda: None
+
+    def _dropped(self, what: str, count: int, limit: int) -> None:
+        """Count what a stream sent past a bound; log the first time only."""
+        self.counters.add(Count.DROPPED, what)
+        if count == 1:
+            bound = f"past {limit}" if limit else "too long"
+            self.log.warning("%s %s a stream: counted in stream.json, dropped", what, bound)
 
     async def run(self) -> None:
         """Read until stop, close or error; finish the sinks; then close if we are ending it.
@@ -379,7 +382,7 @@ class StreamHandler:
             end = await self._read()
         except ProtocolError as exc:
             self.counters.add(Count.PROTOCOL_ERRORS, exc.kind)
-            self.log.warning("closing with %d: %s", exc.close_code, _short(exc.reason, 160))
+            self.log.warning("closing with %d: %s", exc.close_code, shorten(exc.reason, 160))
             end = StreamEnd("protocol-error", exc.close_code, exc.close_reason)
         except RecordingFailed as exc:
             end = self._recording_failed(exc)
@@ -388,7 +391,7 @@ class StreamHandler:
             self.log.exception("internal error")
         finally:
             try:
-                end = self._finish(end)
+                end = await self._finish(end)
             finally:
                 self.on_finished()
                 self.ws.release()  # what the client sent after the end: its close, typically
@@ -441,20 +444,42 @@ class StreamHandler:
                     self._start(event)
                 case Dtmf():
                     assert self.session is not None and self.fanout is not None
-                    self.fanout.event(self.session.on_dtmf(event))
+                    dtmf = self.session.on_dtmf(event)
+                    if dtmf is None:
+                        self._dropped("dtmf", self.session.dropped.dtmf, self.settings.max_dtmf)
+                    else:
+                        self.fanout.event(dtmf)
                 case Mark():
                     assert self.session is not None and self.fanout is not None
-                    self.fanout.event(self.session.on_mark(event))
+                    dropped = self.session.dropped
+                    cut = dropped.mark_names_cut
+                    mark = self.session.on_mark(event)
+                    if mark is None:
+                        self._dropped("marks", dropped.marks, self.settings.max_marks)
+                    else:
+                        if dropped.mark_names_cut > cut:
+                            self._dropped("mark_names_cut", dropped.mark_names_cut, 0)
+                        self.fanout.event(mark)
                 case Stop():
                     self.log.info("stop received")
-                    return StreamEnd("stop", None, None)
+                    # The connection's close after a stop is 1000 (ours, or the client's echoed).
+                    return StreamEnd("stop", 1000, None)
                 case Connected():
                     pass
                 case UnknownEvent(name=name):
                     self.counters.add(Count.UNKNOWN_EVENTS)
-                    if name not in self.unknown_events and len(self.unknown_events) < 32:
+                    if name in self.unknown_events:
+                        pass
+                    elif len(self.unknown_events) < self.settings.max_unknown_events:
                         self.unknown_events[name] = None
-                        self.log.info("skipping unknown event %r", _short(name))
+                        self.log.info("skipping unknown event %r", shorten(name))
+                    else:
+                        self.unknown_events_dropped += 1
+                        self._dropped(
+                            "unknown_event_names",
+                            self.unknown_events_dropped,
+                            self.settings.max_unknown_events,
+                        )
                 case _:
                     assert_never(event)
         return None
@@ -473,7 +498,7 @@ class StreamHandler:
         if sent is not None and not exc.rcvd_then_sent and sent.code in _FRAME_ERRORS:
             # websockets refused a frame itself: too big, invalid UTF-8, bad framing.
             self.counters.add(Count.PROTOCOL_ERRORS, "frame")
-            self.log.warning("closed with %d: %s", sent.code, _short(sent.reason, 160))
+            self.log.warning("closed with %d: %s", sent.code, shorten(sent.reason, 160))
             return StreamEnd("protocol-error", sent.code, sent.reason)
         code = rcvd.code if rcvd is not None else 1006
         reason = rcvd.reason if rcvd is not None else "connection lost without a close frame"
@@ -482,7 +507,7 @@ class StreamHandler:
 
     def _start(self, start: Start) -> None:
         """Open the sinks and the session; an undecodable format still gets its record."""
-        self.log = StreamLogger(logger, {"stream_sid": _short(start.stream_sid)})
+        self.log = StreamLogger(logger, {"stream_sid": shorten(start.stream_sid)})
         request = self.ws.request
         target = urlsplit(request.path if request is not None else "/")
         codec, unsupported = None, None
@@ -510,9 +535,9 @@ class StreamHandler:
         self.counters.add(Count.STREAMS)
         self.log.info(
             "stream started: %s %d Hz, tracks %s",
-            _short(start.media_format.encoding),
+            shorten(start.media_format.encoding),
             start.media_format.sample_rate_hz,
-            _short(",".join(start.tracks)),
+            shorten(",".join(start.tracks)),
         )
         self.fanout.open(self.info)
         if not self.fanout.alive:
@@ -526,16 +551,20 @@ class StreamHandler:
             batch_ms=self.settings.batch_ms,
             max_duration_s=self.settings.max_stream_duration_s,
             max_gap_s=self.settings.max_gap_s,
+            max_silence_s=self.settings.max_silence_s,
+            max_marks=self.settings.max_marks,
+            max_dtmf=self.settings.max_dtmf,
+            max_name_chars=self.settings.max_name_chars,
         )
 
     def _recording_failed(self, exc: RecordingFailed) -> StreamEnd:
         """Count, log and describe the end of a stream that no sink is left to record."""
         self.counters.add(Count.RECORDING_FAILURES)
-        reason = truncate_utf8(str(exc), MAX_CLOSE_REASON_BYTES)
+        reason = shorten(str(exc), MAX_CLOSE_REASON_BYTES)
         self.log.error("closing with %d: %s", exc.close_code, reason)
         return StreamEnd("error", exc.close_code, reason)
 
-    def _finish(self, end: StreamEnd) -> StreamEnd:
+    async def _finish(self, end: StreamEnd) -> StreamEnd:
         """Flush what is pending and close every sink, whatever happened before.
 
         Returns how the stream ended: a stop after which no sink is left is a failed recording.
@@ -561,10 +590,14 @@ class StreamHandler:
                 marks=tuple(session.marks) if session else (),
                 messages=self.messages,
                 unknown_events=tuple(self.unknown_events),
+                dropped={
+                    **(session.dropped.as_dict() if session else {}),
+                    "unknown_event_names": self.unknown_events_dropped,
+                },
                 sink_errors=sink_errors,
             )
 
-        fanout.close(summary)
+        await fanout.aclose(summary)  # stream.json is written off the event loop
         stats = session.track_stats if session else {}
         duration_s = (datetime.now(UTC) - self.info.started_at).total_seconds()
         self.receiver.metrics.stream_finished(

@@ -235,12 +235,12 @@ class Served:
         self.port = free_port()
         self.log = cwd / "serve.log"
         self.cwd = cwd
-        self.env = env_with(
-            RECEIVER_PORT=str(self.port),
-            RECEIVER_HOST="127.0.0.1",
-            RECEIVER_DRAIN_TIMEOUT_S="1",
-            **env,
-        )
+        defaults = {
+            "RECEIVER_PORT": str(self.port),
+            "RECEIVER_HOST": "127.0.0.1",
+            "RECEIVER_DRAIN_TIMEOUT_S": "1",
+        }
+        self.env = env_with(**{**defaults, **env})
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(
                 receiver_cmd("serve"),
