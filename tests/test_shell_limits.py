@@ -302,7 +302,7 @@ async def test_health_probes_log_nothing_at_info_and_the_summary_has_fields(
     await wait_idle(receiver)
     (summary,) = [r for r in caplog.records if r.getMessage().startswith("stream ended")]
     line = json.loads(JsonFormatter().format(summary))
-    assert line["end"] == "stop" and line["close_code"] is None
+    assert line["end"] == "stop" and line["close_code"] == 1000
     assert line["tracks"]["inbound"]["duration_s"] == 0.2
     assert line["stream_sid"] == "fields"
 
