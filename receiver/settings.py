@@ -140,6 +140,39 @@ class Settings(BaseSettings):
     # /healthz answers 503 below this much free space in the recordings directory.
     min_free_disk_mb: int = Field(default=256, ge=0, le=1024**3)
 
+    # --- The web page (receiver.web): live streams and recordings, on an address of its own.
+    ui_host: str = "127.0.0.1"
+    # Empty (RECEIVER_UI_PORT=) turns the page off.
+    ui_port: int | None = Field(default=8080, ge=0, le=65535)
+    # Tokens that log in to the page; when empty, any accepted bearer token does.
+    ui_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    # How long a login lasts (the session cookie's expiry).
+    ui_session_s: float = Field(default=12 * 3600.0, ge=60, le=30 * 86_400)
+    # The newest stream directories the list reads; older ones are not listed.
+    ui_max_listed: int = Field(default=10_000, ge=1, le=1_000_000)
+
+    @field_validator("ui_port", mode="before")
+    @classmethod
+    def _empty_port_is_off(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("ui_tokens", mode="before")
+    @classmethod
+    def _split_ui_tokens(cls, value: Any) -> Any:
+        return cls._split_tokens(value)
+
+    @field_validator("ui_tokens")
+    @classmethod
+    def _check_ui_tokens(cls, value: list[SecretStr]) -> list[SecretStr]:
+        return cls._check_tokens(value)
+
+    @property
+    def ui_token_values(self) -> list[str]:
+        """The page's own login tokens, plain; never log them."""
+        return [t.get_secret_value() for t in self.ui_tokens]
+
+    # --- end of the web page's settings.
+
     @field_validator("tokens", mode="before")
     @classmethod
     def _split_tokens(cls, value: Any) -> Any:
