@@ -281,3 +281,11 @@ def served(tmp_path: Path) -> Iterator[Any]:
         if s.proc.poll() is None:
             s.proc.kill()
             s.proc.wait()
+
+
+# The chaos suite (tests/test_chaos.py): `bash scripts/chaos` runs it long (more rounds, bigger
+# floods) and collects each attack's figures in a JSON report.
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("chaos", "the chaos suite (tests/test_chaos.py)")
+    group.addoption("--chaos-long", action="store_true", help="run each attack at its full size")
+    group.addoption("--chaos-report", default=None, help="append each attack's figures here")

@@ -1,0 +1,474 @@
+"""Chaos helpers: a `receiver serve` subprocess (uvloop, TLS) under one attack at a time, a paced
+known-good stream beside it that also measures the server's ping round trip, and the figures
+before and after (RSS after a full gc, fds, the attack's counter and log line).
+
+The good stream runs in a thread with an event loop of its own, so that an attacker busy in
+the test's loop does not delay its frames or its pongs; its round trips are the server's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import re
+import resource
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.conftest import TOKEN, TlsFiles, read_wav
+from tests.soak_helpers import (
+    HOST,
+    SERVER_NAME,
+    ProcFigures,
+    ServerProcess,
+    Target,
+    http_get,
+    log_problems,
+    proc_figures,
+    upgrade_request,
+    wait_until,
+)
+
+RATE_HZ = 16_000  # the good stream: L16 16 kHz, both tracks, 20 ms frames
+FRAME_SAMPLES = RATE_HZ // 50
+PING_EVERY_S = 0.05
+# Attackers connect from other loopback addresses than the good stream and the checks
+# (127.0.0.1), so that per-address limits keep them apart as they would on the internet.
+ATTACKER_IPS = tuple(f"127.0.0.{n}" for n in range(2, 40))
+
+
+# ---------------------------------------------------------------------------------------------
+# The server
+
+
+def fd_limit(limit: int) -> Callable[[], None]:
+    """A preexec_fn that starts the server with RLIMIT_NOFILE ``limit`` (soft and hard)."""
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    return apply
+
+
+@contextlib.contextmanager
+def chaos_server(
+    root: Path, tls_files: TlsFiles, *, nofile: int | None = None, **env: str
+) -> Iterator[ServerProcess]:
+    """`receiver serve` on uvloop with the test certificate and token, recordings under root."""
+    recordings = root / "recordings"
+    recordings.mkdir(exist_ok=True)
+    values = {
+        "RECEIVER_TOKENS": TOKEN,
+        "RECEIVER_TLS_CERT": str(tls_files.cert),
+        "RECEIVER_TLS_KEY": str(tls_files.key),
+        "RECEIVER_RECORDINGS_DIR": str(recordings),
+        "RECEIVER_EVENT_LOOP": "uvloop",
+        "RECEIVER_DRAIN_TIMEOUT_S": "1",
+        **env,
+    }
+    server = ServerProcess(root, values, preexec_fn=fd_limit(nofile) if nofile else None)
+    try:
+        server.wait_listening()
+        yield server
+    finally:
+        server.stop()
+
+
+def target(server: ServerProcess, client_ssl: ssl.SSLContext) -> Target:
+    return Target(server.port, client_ssl, TOKEN, handshake_timeout_s=10, idle_timeout_s=60)
+
+
+def metric_total(body: str, name: str, **labels: str) -> float:
+    """The sum of every sample of ``name`` (any labels, or those given); 0 when absent."""
+    total = 0.0
+    pattern = re.compile(rf"^{re.escape(name)}(?:_total)?(\{{[^}}]*\}})? (\S+)$")
+    for line in body.splitlines():
+        match = pattern.match(line)
+        if not match:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+def metric_names(body: str) -> set[str]:
+    return {line.split("{")[0].split(" ")[0] for line in body.splitlines() if line[:1].isalpha()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The paced good stream and its ping probe
+
+
+def good_audio(seed: int, seconds: float) -> dict[str, NDArray[np.int16]]:
+    """Known audio for both tracks: seeded full-scale noise, so any lost or moved sample shows."""
+    rng = np.random.default_rng(seed)
+    samples = int(seconds * RATE_HZ) // FRAME_SAMPLES * FRAME_SAMPLES
+    return {
+        track: rng.integers(-32768, 32767, samples, dtype=np.int16, endpoint=True)
+        for track in ("inbound", "outbound")
+    }
+
+
+@dataclass
+class ProbeResult:
+    """What the good stream sent and saw."""
+
+    sid: str
+    sent: dict[str, NDArray[np.int16]]
+    rtts_s: list[float]
+    close_code: int | None
+    rss_peak_kib: int
+    error: str | None = None
+
+    @property
+    def max_rtt_ms(self) -> float:
+        return round(1000 * max(self.rtts_s, default=float("inf")), 1)
+
+
+@dataclass
+class PacedStream:
+    """A real WebSocket client over TLS sending one frame per track every 20 ms until stopped,
+    pinging the server every 50 ms; it runs in a thread with its own event loop."""
+
+    port: int
+    client_ssl: ssl.SSLContext
+    server_pid: int
+    sid: str = "good"
+    max_seconds: float = 300.0
+    _started: threading.Event = field(default_factory=threading.Event)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _result: ProbeResult | None = None
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._thread.start()
+        assert self._started.wait(30), "the good stream did not start"
+        assert self._result is None, self._result
+
+    async def stop(self) -> ProbeResult:
+        """Send ``stop``, wait for the server's close, and hand back what was sent and seen."""
+        self._stop.set()
+        assert self._thread is not None
+        await asyncio.to_thread(self._thread.join, 60)
+        assert self._result is not None, "the good stream did not finish"
+        return self._result
+
+    async def _main(self) -> None:
+        audio = good_audio(hash(self.sid) % 2**32, self.max_seconds)
+        rtts: list[float] = []
+        pending: dict[int, float] = {}
+        rss_peak = 0
+        frames = 0
+        error = None
+        close_code = None
+        try:
+            async with connect(
+                f"wss://{SERVER_NAME}:{self.port}/chaos/{self.sid}",
+                ssl=self.client_ssl,
+                additional_headers={"Authorization": f"Bearer {TOKEN}"},
+                ping_interval=None,
+                max_queue=None,
+                open_timeout=30,
+                close_timeout=30,
+            ) as ws:
+                await ws.send(json.dumps({"event": "connected", "protocol": "Call"}))
+                await ws.send(json.dumps(start_event(self.sid, RATE_HZ, ["inbound", "outbound"])))
+
+                async def pinger() -> None:
+                    n = 0
+                    while True:
+                        n += 1
+                        sent_at = time.monotonic()
+                        pending[n] = sent_at
+                        waiter = await ws.ping(struct.pack("!I", n))
+
+                        def done(_: Any, n: int = n, sent_at: float = sent_at) -> None:
+                            rtts.append(time.monotonic() - sent_at)
+                            pending.pop(n, None)
+
+                        waiter.add_done_callback(done)
+                        await asyncio.sleep(PING_EVERY_S)
+
+                async def rss() -> None:
+                    nonlocal rss_peak
+                    while True:
+                        rss_peak = max(rss_peak, proc_figures(self.server_pid).rss_kib)
+                        await asyncio.sleep(0.1)
+
+                async def drain_incoming() -> None:
+                    async for _ in ws:
+                        pass
+
+                tasks = [asyncio.create_task(c()) for c in (pinger, rss, drain_incoming)]
+                t0 = time.monotonic()
+                seq = 2
+                self._started.set()
+                limit = len(audio["inbound"]) // FRAME_SAMPLES
+                while not self._stop.is_set() and frames < limit:
+                    due = t0 + frames * 0.02
+                    now = time.monotonic()
+                    if due > now:
+                        await asyncio.sleep(due - now)
+                    for track in ("inbound", "outbound"):
+                        chunk = audio[track][frames * FRAME_SAMPLES : (frames + 1) * FRAME_SAMPLES]
+                        seq += 1
+                        await ws.send(media_event(seq, track, frames, chunk.tobytes()))
+                    frames += 1
+                await ws.send(json.dumps({"event": "stop", "sequenceNumber": str(seq + 1)}))
+                await asyncio.wait_for(tasks[2], 60)  # until the server's close
+                for task in tasks[:2]:
+                    task.cancel()
+                close_code = ws.close_code
+        except (OSError, ConnectionClosed, TimeoutError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        rtts.extend(now - t for t in pending.values())  # never answered: as long as we waited
+        sent = {t: a[: frames * FRAME_SAMPLES] for t, a in audio.items()}
+        self._result = ProbeResult(self.sid, sent, rtts, close_code, rss_peak, error)
+        self._started.set()
+
+
+def start_event(sid: str, rate_hz: int, tracks: list[str]) -> dict[str, Any]:
+    return {
+        "event": "start",
+        "sequenceNumber": "1",
+        "start": {
+            "streamSid": sid,
+            "accountSid": "chaos-account",
+            "callSid": "chaos-call",
+            "tracks": tracks,
+            "mediaFormat": {"encoding": "audio/x-L16", "sampleRate": rate_hz, "channels": 1},
+        },
+    }
+
+
+def media_event(
+    seq: int,
+    track: str,
+    frame: int,
+    pcm: bytes,
+    *,
+    timestamp: bool = True,
+    chunk: int | None = None,
+) -> str:
+    media: dict[str, str] = {"track": track, "chunk": str(frame + 1 if chunk is None else chunk)}
+    if timestamp:
+        media["timestamp"] = str(frame * 20)
+    media["payload"] = base64.b64encode(pcm).decode()
+    return json.dumps({"event": "media", "sequenceNumber": str(seq), "media": media})
+
+
+def check_good_stream(recordings: Path, result: ProbeResult) -> None:
+    """The good stream closed 1000 and each of its WAVs equals what was sent, sample by sample."""
+    assert result.error is None, result.error
+    assert result.close_code == 1000, result.close_code
+    for track, sent in result.sent.items():
+        samples, rate = read_wav(recordings / result.sid / f"{track}.wav")
+        assert rate == RATE_HZ
+        assert len(sent) > 0
+        np.testing.assert_array_equal(samples, sent, err_msg=f"good stream, {track}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw attackers
+
+
+def frame(payload: bytes, *, opcode: int = 0x1) -> bytes:
+    """A client frame with an all-zero mask (RFC 6455 allows any key): built fast, in bulk."""
+    length = len(payload)
+    head = bytes([0x80 | opcode])
+    if length < 126:
+        head += bytes([0x80 | length])
+    elif length < 65536:
+        head += bytes([0x80 | 126]) + struct.pack("!H", length)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack("!Q", length)
+    return head + b"\0\0\0\0" + payload
+
+
+async def open_from(
+    port: int,
+    source_ip: str,
+    *,
+    client_ssl: ssl.SSLContext | None,
+    limit: int = 2**16,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP (or TLS) connection to the server from ``source_ip`` (a loopback address)."""
+    return await asyncio.open_connection(
+        HOST,
+        port,
+        ssl=client_ssl,
+        server_hostname=SERVER_NAME if client_ssl else None,
+        local_addr=(source_ip, 0),
+        limit=limit,
+        ssl_handshake_timeout=30 if client_ssl else None,
+    )
+
+
+async def read_status(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), head
+
+
+async def open_stream(
+    port: int,
+    client_ssl: ssl.SSLContext,
+    sid: str,
+    *,
+    source_ip: str = ATTACKER_IPS[0],
+    rate_hz: int = 8000,
+    tracks: int = 1,
+    limit: int = 2**16,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An upgraded stream with ``connected`` and ``start`` sent (L16, inbound [and outbound])."""
+    reader, writer = await open_from(port, source_ip, client_ssl=client_ssl, limit=limit)
+    writer.write(upgrade_request(f"/chaos/{sid}", TOKEN))
+    status, head = await read_status(reader)
+    assert status == 101, head
+    writer.write(frame(b'{"event": "connected", "protocol": "Call"}'))
+    names = ["inbound", "outbound"][:tracks]
+    writer.write(frame(json.dumps(start_event(sid, rate_hz, names)).encode()))
+    await writer.drain()
+    return reader, writer
+
+
+async def read_frames(
+    reader: asyncio.StreamReader, on_frame: Callable[[int, bytes], Awaitable[None] | None]
+) -> None:
+    """Read server frames (unmasked) until EOF, calling ``on_frame(opcode, payload)``."""
+    with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+        while True:
+            head = await reader.readexactly(2)
+            length = head[1] & 0x7F
+            if length == 126:
+                length = struct.unpack("!H", await reader.readexactly(2))[0]
+            elif length == 127:
+                length = struct.unpack("!Q", await reader.readexactly(8))[0]
+            payload = await reader.readexactly(length)
+            result = on_frame(head[0] & 0x0F, payload)
+            if result is not None:
+                await result
+
+
+def abort(writer: asyncio.StreamWriter) -> None:
+    if not writer.transport.is_closing():
+        writer.transport.abort()
+
+
+def record_of(recordings: Path, sid: str) -> dict[str, Any]:
+    return dict(json.loads((recordings / sid / "stream.json").read_text()))
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------------------------------------
+# One attack, measured
+
+
+@dataclass
+class Measured:
+    """The figures of one attack: the before/after table's row."""
+
+    attack: str
+    before: ProcFigures
+    after: ProcFigures
+    rss_peak_kib: int
+    max_rtt_ms: float
+    pings: int
+    metrics: str
+    log: str
+    figures: dict[str, Any]
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "attack": self.attack,
+            "max_ping_rtt_ms": self.max_rtt_ms,
+            "pings": self.pings,
+            "rss_before_kib": self.before.rss_kib,
+            "rss_peak_kib": self.rss_peak_kib,
+            "rss_after_gc_kib": self.after.rss_kib,
+            "fds_before": self.before.fds,
+            "fds_after": self.after.fds,
+            **self.figures,
+        }
+
+    def log_problems(self) -> list[str]:
+        return log_problems(self.log)
+
+
+async def settle_fds(server: ServerProcess, fds: int, limit_s: float = 15.0) -> None:
+    """Wait (bounded) until the server holds no more descriptors than ``fds``."""
+    await wait_until(lambda: server.figures().fds <= fds, limit_s)
+
+
+async def measure(
+    name: str,
+    server: ServerProcess,
+    client_ssl: ssl.SSLContext,
+    attack: Callable[[], Awaitable[dict[str, Any]]],
+    *,
+    settle_s: float = 15.0,
+) -> tuple[Measured, ProbeResult]:
+    """Warm up, take the baseline (after a full gc), run ``attack`` beside a paced good stream,
+    then let the server settle and take the figures again (after a full gc)."""
+    goal = target(server, client_ssl)
+    assert (await http_get(goal, "/healthz"))[0] == 200
+    warm = PacedStream(server.port, client_ssl, server.pid, sid="warm-up")
+    warm.start()
+    await asyncio.sleep(0.5)
+    await warm.stop()
+    await http_get(goal, "/metrics")
+    await asyncio.sleep(0.2)
+    await server.collect_garbage()
+    before = server.figures()
+    good = PacedStream(server.port, client_ssl, server.pid, sid=f"good-{name}")
+    good.start()
+    await asyncio.sleep(0.3)
+    figures = await attack()
+    await asyncio.sleep(0.3)
+    probe = await good.stop()
+    await settle_fds(server, before.fds, settle_s)
+    await asyncio.sleep(0.3)
+    await server.collect_garbage()
+    after = server.figures()
+    status, metrics = await http_get(goal, "/metrics")
+    assert status == 200
+    measured = Measured(
+        attack=name,
+        before=before,
+        after=after,
+        rss_peak_kib=probe.rss_peak_kib,
+        max_rtt_ms=probe.max_rtt_ms,
+        pings=len(probe.rtts_s),
+        metrics=metrics,
+        log=server.log.read_text(),
+        figures=figures,
+    )
+    return measured, probe
+
+
+def save_row(path: str | None, row: dict[str, Any]) -> None:
+    """Print one attack's figures; add them to the JSON report at ``path`` (scripts/chaos)."""
+    print(json.dumps(row, default=str))
+    if path:
+        report = Path(path)
+        rows = json.loads(report.read_text()) if report.exists() and report.stat().st_size else []
+        rows = [r for r in rows if r.get("attack") != row["attack"]] + [row]
+        report.write_text(json.dumps(rows, indent=2, default=str))
