@@ -65,7 +65,11 @@ def fd_limit(limit: int) -> Callable[[], None]:
 
 @contextlib.contextmanager
 def chaos_server(
-    root: Path, tls_files: TlsFiles, *, nofile: int | None = None, **env: str
+    root: Path,
+    tls_files: TlsFiles,
+    *,
+    nofile: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[ServerProcess]:
     """`receiver serve` on uvloop with the test certificate and token, recordings under root."""
     recordings = root / "recordings"
@@ -77,7 +81,7 @@ def chaos_server(
         "RECEIVER_RECORDINGS_DIR": str(recordings),
         "RECEIVER_EVENT_LOOP": "uvloop",
         "RECEIVER_DRAIN_TIMEOUT_S": "1",
-        **env,
+        **(env or {}),
     }
     server = ServerProcess(root, values, preexec_fn=fd_limit(nofile) if nofile else None)
     try:
@@ -92,9 +96,10 @@ def target(server: ServerProcess, client_ssl: ssl.SSLContext) -> Target:
 
 
 def metric_total(body: str, name: str, **labels: str) -> float:
-    """The sum of every sample of ``name`` (any labels, or those given); 0 when absent."""
+    """The sum of every sample whose name matches the regular expression ``name`` (with or
+    without ``_total``; any labels, or those given); 0 when absent."""
     total = 0.0
-    pattern = re.compile(rf"^{re.escape(name)}(?:_total)?(\{{[^}}]*\}})? (\S+)$")
+    pattern = re.compile(rf"^(?:{name})(?:_total)?(\{{[^}}]*\}})? (\S+)$")
     for line in body.splitlines():
         match = pattern.match(line)
         if not match:
@@ -195,7 +200,7 @@ class PacedStream:
                         n += 1
                         sent_at = time.monotonic()
                         pending[n] = sent_at
-                        waiter = await ws.ping(struct.pack("!I", n))
+                        waiter = asyncio.ensure_future(await ws.ping(struct.pack("!I", n)))
 
                         def done(_: Any, n: int = n, sent_at: float = sent_at) -> None:
                             rtts.append(time.monotonic() - sent_at)
@@ -337,9 +342,15 @@ async def open_stream(
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """An upgraded stream with ``connected`` and ``start`` sent (L16, inbound [and outbound])."""
     reader, writer = await open_from(port, source_ip, client_ssl=client_ssl, limit=limit)
-    writer.write(upgrade_request(f"/chaos/{sid}", TOKEN))
-    status, head = await read_status(reader)
-    assert status == 101, head
+    try:
+        writer.write(upgrade_request(f"/chaos/{sid}", TOKEN))
+        status, head = await read_status(reader)
+    except BaseException:
+        abort(writer)
+        raise
+    if status != 101:
+        abort(writer)
+        raise AssertionError(head)
     writer.write(frame(b'{"event": "connected", "protocol": "Call"}'))
     names = ["inbound", "outbound"][:tracks]
     writer.write(frame(json.dumps(start_event(sid, rate_hz, names)).encode()))
