@@ -274,13 +274,20 @@ def _repair(args: argparse.Namespace) -> int:
     if not directory.is_dir():
         raise ConfigError("DIR", f"{directory} is not a directory")
     repaired = repair(directory)
+    problems = 0
     for stream in repaired:
         files = ", ".join(
             f"{w.path.name} {w.samples} samples{' (header fixed)' if w.changed else ''}"
             for w in stream.wavs
         )
         print(f"{stream.directory}: interrupted; {files or 'no audio'}")
+        for problem in stream.problems:  # one line each, never a traceback
+            print(f"{stream.directory}: {problem}", file=sys.stderr)
+        problems += len(stream.problems)
     print(f"{len(repaired)} interrupted stream(s) repaired under {directory}")
+    if problems:
+        print(f"{problems} problem(s) left: see above", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -269,13 +269,22 @@ class StreamHandler:
         self.protocol = StreamProtocol(
             max_custom_parameters=self.settings.max_custom_parameters,
             max_parameter_chars=self.settings.max_parameter_chars,
+            max_name_chars=self.settings.max_name_chars,
         )
         self.session: Session | None = None
         self.fanout: Fanout | None = None
         self.info: StreamInfo | None = None
         self.messages = 0
         self.unknown_events: dict[str, None] = {}
+        self.unknown_events_dropped = 0
         self.log = StreamLogger(logger, {"stream_sid": "-"})
+
+    def _dropped(self, what: str, count: int, limit: int) -> None:
+        """Count what a stream sent past a bound; log the first time only."""
+        self.counters.update(["dropped", f"dropped_{what}"])
+        if count == 1:
+            bound = f"past {limit}" if limit else "too long"
+            self.log.warning("%s %s a stream: counted in stream.json, dropped", what, bound)
 
     async def run(self) -> None:
         """Read until stop, close or error; finish the sinks; then close if we are ending it.
@@ -298,7 +307,7 @@ class StreamHandler:
             self.log.exception("internal error")
         finally:
             try:
-                end = self._finish(end)
+                end = await self._finish(end)
             finally:
                 self.ws.release()  # what the client sent after the end: its close, typically
         if end.kind in _WE_CLOSE and end.close_code is not None:
@@ -346,20 +355,42 @@ class StreamHandler:
                     self._start(event)
                 case Dtmf():
                     assert self.session is not None and self.fanout is not None
-                    self.fanout.event(self.session.on_dtmf(event))
+                    dtmf = self.session.on_dtmf(event)
+                    if dtmf is None:
+                        self._dropped("dtmf", self.session.dropped.dtmf, self.settings.max_dtmf)
+                    else:
+                        self.fanout.event(dtmf)
                 case Mark():
                     assert self.session is not None and self.fanout is not None
-                    self.fanout.event(self.session.on_mark(event))
+                    dropped = self.session.dropped
+                    cut = dropped.mark_names_cut
+                    mark = self.session.on_mark(event)
+                    if mark is None:
+                        self._dropped("marks", dropped.marks, self.settings.max_marks)
+                    else:
+                        if dropped.mark_names_cut > cut:
+                            self._dropped("mark_names_cut", dropped.mark_names_cut, 0)
+                        self.fanout.event(mark)
                 case Stop():
                     self.log.info("stop received")
-                    return StreamEnd("stop", None, None)
+                    # The connection's close after a stop is 1000 (ours, or the client's echoed).
+                    return StreamEnd("stop", 1000, None)
                 case Connected():
                     pass
                 case UnknownEvent(name=name):
                     self.counters["unknown_events"] += 1
-                    if name not in self.unknown_events and len(self.unknown_events) < 32:
+                    if name in self.unknown_events:
+                        pass
+                    elif len(self.unknown_events) < self.settings.max_unknown_events:
                         self.unknown_events[name] = None
                         self.log.info("skipping unknown event %r", _short(name))
+                    else:
+                        self.unknown_events_dropped += 1
+                        self._dropped(
+                            "unknown_event_names",
+                            self.unknown_events_dropped,
+                            self.settings.max_unknown_events,
+                        )
                 case _:
                     assert_never(event)
         return None
@@ -424,6 +455,10 @@ class StreamHandler:
             batch_ms=self.settings.batch_ms,
             max_duration_s=self.settings.max_stream_duration_s,
             max_gap_s=self.settings.max_gap_s,
+            max_silence_s=self.settings.max_silence_s,
+            max_marks=self.settings.max_marks,
+            max_dtmf=self.settings.max_dtmf,
+            max_name_chars=self.settings.max_name_chars,
         )
 
     def _recording_failed(self, exc: RecordingFailed) -> StreamEnd:
@@ -433,7 +468,7 @@ class StreamHandler:
         self.log.error("closing with %d: %s", exc.close_code, reason)
         return StreamEnd("error", exc.close_code, reason)
 
-    def _finish(self, end: StreamEnd) -> StreamEnd:
+    async def _finish(self, end: StreamEnd) -> StreamEnd:
         """Flush what is pending and close every sink, whatever happened before.
 
         Returns how the stream ended: a stop after which no sink is left is a failed recording.
@@ -459,10 +494,14 @@ class StreamHandler:
                 marks=tuple(session.marks) if session else (),
                 messages=self.messages,
                 unknown_events=tuple(self.unknown_events),
+                dropped={
+                    **(session.dropped.as_dict() if session else {}),
+                    "unknown_event_names": self.unknown_events_dropped,
+                },
                 sink_errors=sink_errors,
             )
 
-        fanout.close(summary)
+        await fanout.aclose(summary)  # stream.json is written off the event loop
         stats = session.track_stats if session else {}
         duration_s = (datetime.now(UTC) - self.info.started_at).total_seconds()
         self.receiver.metrics.stream_finished(

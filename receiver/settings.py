@@ -62,8 +62,23 @@ class Settings(BaseSettings):
     max_connections_per_ip: int = Field(default=250, ge=1, le=100_000)
     max_custom_parameters: int = Field(default=99, ge=0, le=10_000)
     max_parameter_chars: int = Field(default=4096, ge=16, le=1_000_000)
-    # The most silence one timestamp jump may insert; a larger jump shifts the track's clock.
-    max_gap_s: float = Field(default=60.0, gt=0, le=86_400)
+    # The most silence one jump (of timestamp or chunk) may insert; a larger jump shifts the
+    # track's clock. At most 600: a 600 s gap of 48 kHz L16 is one frame's work for the loop.
+    max_gap_s: float = Field(default=60.0, gt=0, le=600)
+    # Per-stream bounds (issue 11). Defaults sit far above what a real conference sends, so that
+    # they only ever stop an attack; past each one the excess is counted in stream.json's
+    # "dropped" (or the track's statistics) and dropped, never stored.
+    # A track's silence in all (lost frames, a late start): a stream losing a tenth of its frames
+    # for 6 hours makes 36 minutes of it. Past it, jumps shift the track's clock instead.
+    max_silence_s: float = Field(default=3600.0, gt=0, le=7 * 86_400)
+    # Marks and DTMF digits kept a stream: a 6-hour call with a mark or a key press every 3 s is
+    # 7,200. At most ~3.5 MB of stream.json together (names of 256 characters, all escaped).
+    max_marks: int = Field(default=10_000, ge=0, le=1_000_000)
+    max_dtmf: int = Field(default=10_000, ge=0, le=1_000_000)
+    # Longest mark name kept (cut beyond, counted) and longest unknown event name remembered.
+    max_name_chars: int = Field(default=256, ge=8, le=65_536)
+    # Distinct unknown event names remembered (and logged) a stream; the rest are only counted.
+    max_unknown_events: int = Field(default=32, ge=0, le=10_000)
     handshake_timeout_s: float = Field(default=10.0, gt=0, le=600)
     idle_timeout_s: float = Field(default=60.0, gt=0, le=86_400)
     max_stream_duration_s: float = Field(default=6 * 3600.0, gt=0, le=7 * 86_400)

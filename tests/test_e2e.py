@@ -500,7 +500,7 @@ async def test_stream_json_holds_parameters_dtmf_marks_stats_and_end(
     assert record["dtmf"] == [{"digit": "5", "at_ms": 500.0, "duration_ms": 2000, "track": None}]
     assert record["marks"] == [{"name": "greeting-done", "at_ms": 500.0}]
     assert record["unknown_events"] == ["sparkle"]
-    assert record["end"] == {"kind": "stop", "close_code": None, "reason": None}
+    assert record["end"] == {"kind": "stop", "close_code": 1000, "reason": None}
     for track in ("inbound", "outbound"):
         stats = record["tracks"][track]
         assert stats["frames"] == 50

@@ -122,6 +122,20 @@ class Fanout:
         for name, sink in ordered:
             self._call(name, sink, "close", sink.close, summary_for(tuple(self.errors)))
 
+    async def aclose(self, summary_for: Callable[[tuple[str, ...]], StreamSummary]) -> None:
+        """``close``, awaiting the sinks that finish off the event loop (an ``aclose``)."""
+        ordered = sorted(self._sinks, key=lambda pair: getattr(pair[1], "writes_record", False))
+        for name, sink in ordered:
+            summary = summary_for(tuple(self.errors))
+            aclose = getattr(sink, "aclose", None)
+            if aclose is None:
+                self._call(name, sink, "close", sink.close, summary)
+                continue
+            try:
+                await aclose(summary)
+            except Exception as exc:  # noqa: BLE001 - isolate the sink, keep the stream
+                self._fail(name, sink, "close", exc)
+
     def _call(
         self, name: str, sink: Sink, step: str, method: Callable[[Any], None], arg: Any
     ) -> None:

@@ -12,7 +12,9 @@ A sink is created per stream (by a ``SinkFactory``) and sees the stream's whole 
    never modify it, copy what you keep.
 3. ``event(record)`` for each DTMF digit and mark, with its place on the timeline.
 4. ``close(summary)`` once, however the stream ended (stop, client close, protocol error,
-   shutdown), also after a failed ``open`` or ``write``.
+   shutdown), also after a failed ``open`` or ``write``. A sink with work to finish that would
+   hold the event loop (the wav sink: the stereo mix, a large ``stream.json``) may define
+   ``async aclose(summary)`` instead, which the server awaits in its place.
 
 Calls come from the event loop: keep each one short (a buffered file write, a queue put). A sink
 that raises is logged, counted and named in ``stream.json``; it never takes the server or the
@@ -97,6 +99,8 @@ class StreamSummary:
     marks: tuple[MarkRecord, ...] = ()
     messages: int = 0
     unknown_events: tuple[str, ...] = ()
+    # What the stream sent past its bounds (receiver.session.Dropped, unknown event names).
+    dropped: Mapping[str, int] = field(default_factory=dict)
     sink_errors: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
@@ -118,6 +122,7 @@ class StreamSummary:
             ],
             "marks": [{"name": m.name, "at_ms": m.at_ms} for m in self.marks],
             "unknown_events": list(self.unknown_events),
+            "dropped": dict(self.dropped),
             "sink_errors": list(self.sink_errors),
         }
 
