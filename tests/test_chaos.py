@@ -587,16 +587,16 @@ async def test_disk_full_when_stream_json_is_finished(
         statuses = Counter(record_of(recordings, f"full-{v}")["status"] for v in range(victims))
         measured.figures.update(repair_exit=repair.returncode, statuses_after_repair=dict(statuses))
         report(measured.row())
-    assert measured.figures["tmp_files_left"] == 0
-    assert repair.returncode == 0 and "Traceback" not in repair.stderr, repair.stderr
-    assert set(statuses) <= {"complete", "interrupted"}, statuses
-    check_common(
-        measured,
-        probe,
-        recordings,
-        counter=("receiver_sink_errors", {}),
-        log_line=r"(?i)(no space|ENOSPC|disk full)",
-    )
+        assert measured.figures["tmp_files_left"] == 0
+        assert repair.returncode == 0 and "Traceback" not in repair.stderr, repair.stderr
+        assert set(statuses) <= {"complete", "interrupted"}, statuses
+        check_common(  # inside: the good stream's files are on the tmpfs
+            measured,
+            probe,
+            recordings,
+            counter=("receiver_sink_errors", {}),
+            log_line=r"(?i)(no space|ENOSPC|disk full)",
+        )
 
 
 @contextlib.contextmanager
