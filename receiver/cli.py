@@ -223,22 +223,26 @@ async def _run_until_signal(receiver: Any) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
+    from receiver.exceptions import ListenError
+
     try:
         await receiver.start()
-    except OSError as exc:
-        logger.error(
-            "cannot listen on %s:%s: %s",
-            receiver.settings.host,
-            receiver.settings.port,
-            exc.strerror or exc,
-        )
+    except ListenError as exc:
+        logger.error("%s", exc)
         return 1
     s = receiver.settings
+    metrics_at = (
+        f"http://{s.metrics_host}:{receiver.metrics_port}/metrics"
+        if receiver.metrics_port is not None
+        else "/metrics on this port"
+    )
     logger.info(
-        "listening on %s://%s:%d/ (health: /healthz), %d token(s), recordings in %s, %s loop",
+        "listening on %s://%s:%d/ (health: /healthz, metrics: %s), %d token(s), recordings in "
+        "%s, %s loop",
         "ws" if receiver.ssl_context is None else "wss",
         s.host,
         receiver.port,
+        metrics_at,
         len(s.tokens),
         s.recordings_dir.resolve(),
         "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio",
@@ -249,7 +253,8 @@ async def _run_until_signal(receiver: Any) -> int:
         from receiver.sinks.redis_stream import close_publishers
 
         await asyncio.to_thread(close_publishers)
-    logger.info("stopped: %d streams recorded", receiver.counters["streams"])
+    recorded = receiver.counters["streams"]
+    logger.info("stopped: %d stream%s recorded", recorded, "" if recorded == 1 else "s")
     return 0
 
 

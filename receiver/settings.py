@@ -103,6 +103,20 @@ class Settings(BaseSettings):
     # to metrics_host) to keep it off the public interface.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
+    # Connection shell (issue 11): what one connection may hold before and after its
+    # handshake. Handshakes (TLS + HTTP) in progress, overall and from one address; past
+    # either, a new TCP connection is closed at accept.
+    max_pending_handshakes: int = Field(default=1000, ge=1, le=1_000_000)
+    max_pending_handshakes_per_ip: int = Field(default=200, ge=1, le=1_000_000)
+    # Bytes we may hold for a client that does not read (its pongs); past it, it is aborted.
+    max_write_buffer_bytes: int = Field(default=1024 * 1024, ge=64 * 1024, le=1024**3)
+    # Once our close frame is sent, how long the client has to answer it before we cut.
+    close_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    # Keepalive: a ping every ping_interval_s, the stream ends (1011) without a pong in time.
+    ping_interval_s: float = Field(default=20.0, gt=0, le=3600)
+    ping_timeout_s: float = Field(default=20.0, gt=0, le=3600)
+    # /healthz answers 503 below this much free space in the recordings directory.
+    min_free_disk_mb: int = Field(default=256, ge=0, le=1024**3)
 
     @field_validator("tokens", mode="before")
     @classmethod

@@ -283,7 +283,7 @@ async def test_redis_never_started_leaves_wav_complete_and_names_the_error(
     assert len(record["sink_errors"]) == 1
     assert "sink 'redis' failed" in record["sink_errors"][0]
     assert "Redis write failed" in record["sink_errors"][0]
-    assert receiver.counters["sink_errors_redis"] == 1
+    assert receiver.counters["sink_errors", "redis"] == 1
 
 
 async def test_a_bad_redis_url_costs_the_redis_sink_only(

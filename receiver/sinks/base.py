@@ -39,7 +39,14 @@ if TYPE_CHECKING:
     from receiver.settings import Settings
 
 EndKind = Literal[
-    "stop", "client-close", "protocol-error", "idle-timeout", "max-duration", "shutdown", "error"
+    "stop",
+    "client-close",
+    "protocol-error",
+    "idle-timeout",
+    "keepalive-timeout",
+    "max-duration",
+    "shutdown",
+    "error",
 ]
 
 
