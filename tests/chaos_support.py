@@ -2,8 +2,9 @@
 known-good stream beside it that also measures the server's ping round trip, and the figures
 before and after (RSS after a full gc, fds, the attack's counter and log line).
 
-The good stream runs in a thread with an event loop of its own, so that an attacker busy in
-the test's loop does not delay its frames or its pongs; its round trips are the server's.
+The good stream runs in a process of its own (``python -m tests.chaos_support probe``), so
+that an attacker busy in the test's process (its TLS handshakes, its floods) delays neither its
+frames nor its pongs: the round trips it measures are the server's.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import re
 import resource
 import ssl
 import struct
+import subprocess
+import sys
 import threading
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +33,7 @@ from numpy.typing import NDArray
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from receiver import tls
 from tests.conftest import TOKEN, TlsFiles, read_wav
 from tests.soak_helpers import (
     HOST,
@@ -144,37 +150,67 @@ class ProbeResult:
         return round(1000 * max(self.rtts_s, default=float("inf")), 1)
 
 
+MAX_GOOD_SECONDS = 600.0
+
+
+class GoodStream:
+    """The paced good stream (``PacedStream``) in a subprocess: ``start()`` returns once it
+    streams, ``stop()`` has it send ``stop`` and hands back what it sent and measured."""
+
+    def __init__(self, *, port: int, cert: Path, server_pid: int, sid: str) -> None:
+        self.sid = sid
+        root = Path(__file__).resolve().parent.parent
+        self._proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.chaos_support",
+                "probe",
+                *map(str, (port, cert)),
+                str(server_pid),
+                sid,
+            ],
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": str(root)},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def start(self) -> None:
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()  # "started", or the result of a failed start
+        if line.strip() != "started":
+            self._proc.kill()
+            raise AssertionError(f"the good stream did not start: {line.strip()}")
+
+    async def stop(self) -> ProbeResult:
+        """Send ``stop``, wait for the server's close, and hand back what was sent and seen."""
+        out, _ = await asyncio.to_thread(self._proc.communicate, "stop\n", 120)
+        result = json.loads(out.strip().splitlines()[-1])
+        frames = result.pop("frames")
+        audio = good_audio(zlib.crc32(self.sid.encode()), MAX_GOOD_SECONDS)
+        sent = {t: a[: frames * FRAME_SAMPLES] for t, a in audio.items()}
+        return ProbeResult(sent=sent, **result)
+
+
 @dataclass
 class PacedStream:
     """A real WebSocket client over TLS sending one frame per track every 20 ms until stopped,
-    pinging the server every 50 ms; it runs in a thread with its own event loop."""
+    pinging the server every 50 ms (run by ``GoodStream`` in a process of its own)."""
 
     port: int
     client_ssl: ssl.SSLContext
     server_pid: int
     sid: str = "good"
-    max_seconds: float = 300.0
+    max_seconds: float = MAX_GOOD_SECONDS
     _started: threading.Event = field(default_factory=threading.Event)
     _stop: threading.Event = field(default_factory=threading.Event)
     _result: ProbeResult | None = None
-    _thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-        self._thread.start()
-        assert self._started.wait(30), "the good stream did not start"
-        assert self._result is None, self._result
-
-    async def stop(self) -> ProbeResult:
-        """Send ``stop``, wait for the server's close, and hand back what was sent and seen."""
-        self._stop.set()
-        assert self._thread is not None
-        await asyncio.to_thread(self._thread.join, 60)
-        assert self._result is not None, "the good stream did not finish"
-        return self._result
+    frames: int = 0
 
     async def _main(self) -> None:
-        audio = good_audio(hash(self.sid) % 2**32, self.max_seconds)
+        audio = good_audio(zlib.crc32(self.sid.encode()), self.max_seconds)
         rtts: list[float] = []
         pending: dict[int, float] = {}
         rss_peak = 0
@@ -244,8 +280,35 @@ class PacedStream:
         now = time.monotonic()
         rtts.extend(now - t for t in pending.values())  # never answered: as long as we waited
         sent = {t: a[: frames * FRAME_SAMPLES] for t, a in audio.items()}
+        self.frames = frames
         self._result = ProbeResult(self.sid, sent, rtts, close_code, rss_peak, error)
         self._started.set()
+
+
+def probe_main(port: int, cert: Path, server_pid: int, sid: str) -> None:
+    """The good stream's process: "started" once it streams, its result as JSON at the end."""
+    stream = PacedStream(port, tls.client_context(cert), server_pid, sid=sid)
+
+    def announce() -> None:
+        stream._started.wait()
+        if stream._result is None:
+            print("started", flush=True)
+        sys.stdin.readline()  # "stop", or EOF when the test is gone
+        stream._stop.set()
+
+    threading.Thread(target=announce, daemon=True).start()
+    asyncio.run(stream._main())
+    result = stream._result
+    assert result is not None
+    fields = {
+        "sid": result.sid,
+        "frames": stream.frames,
+        "rtts_s": result.rtts_s,
+        "close_code": result.close_code,
+        "rss_peak_kib": result.rss_peak_kib,
+        "error": result.error,
+    }
+    print(json.dumps(fields), flush=True)
 
 
 def start_event(sid: str, rate_hz: int, tracks: list[str]) -> dict[str, Any]:
@@ -435,13 +498,14 @@ async def measure(
     client_ssl: ssl.SSLContext,
     attack: Callable[[], Awaitable[dict[str, Any]]],
     *,
+    cert: Path,
     settle_s: float = 15.0,
 ) -> tuple[Measured, ProbeResult]:
     """Warm up, take the baseline (after a full gc), run ``attack`` beside a paced good stream,
     then let the server settle and take the figures again (after a full gc)."""
     goal = target(server, client_ssl)
     assert (await http_get(goal, "/healthz"))[0] == 200
-    warm = PacedStream(server.port, client_ssl, server.pid, sid="warm-up")
+    warm = GoodStream(port=server.port, cert=cert, server_pid=server.pid, sid="warm-up")
     warm.start()
     await asyncio.sleep(0.5)
     await warm.stop()
@@ -449,7 +513,7 @@ async def measure(
     await asyncio.sleep(0.2)
     await server.collect_garbage()
     before = server.figures()
-    good = PacedStream(server.port, client_ssl, server.pid, sid=f"good-{name}")
+    good = GoodStream(port=server.port, cert=cert, server_pid=server.pid, sid=f"good-{name}")
     good.start()
     await asyncio.sleep(0.3)
     figures = await attack()
@@ -483,3 +547,8 @@ def save_row(path: str | None, row: dict[str, Any]) -> None:
         rows = json.loads(report.read_text()) if report.exists() and report.stat().st_size else []
         rows = [r for r in rows if r.get("attack") != row["attack"]] + [row]
         report.write_text(json.dumps(rows, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    assert sys.argv[1] == "probe", sys.argv
+    probe_main(int(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
