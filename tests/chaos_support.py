@@ -60,11 +60,24 @@ ATTACKER_IPS = tuple(f"127.0.0.{n}" for n in range(2, 40))
 # The server
 
 
-def fd_limit(limit: int) -> Callable[[], None]:
-    """A preexec_fn that starts the server with RLIMIT_NOFILE ``limit`` (soft and hard)."""
+# The server and the good stream run at a higher CPU priority than the attackers (when allowed:
+# root), so that other load on the machine does not pass for a freeze of the server's loop.
+PRIORITY = -10
+
+
+def raise_priority() -> None:
+    with contextlib.suppress(PermissionError):
+        os.setpriority(os.PRIO_PROCESS, 0, PRIORITY)
+
+
+def server_preexec(nofile: int | None) -> Callable[[], None]:
+    """A preexec_fn for the server: a higher priority, and RLIMIT_NOFILE ``nofile`` (soft and
+    hard) when given."""
 
     def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+        raise_priority()
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
     return apply
 
@@ -89,7 +102,7 @@ def chaos_server(
         "RECEIVER_DRAIN_TIMEOUT_S": "1",
         **(env or {}),
     }
-    server = ServerProcess(root, values, preexec_fn=fd_limit(nofile) if nofile else None)
+    server = ServerProcess(root, values, preexec_fn=server_preexec(nofile))
     try:
         server.wait_listening()
         yield server
@@ -140,14 +153,18 @@ class ProbeResult:
 
     sid: str
     sent: dict[str, NDArray[np.int16]]
-    rtts_s: list[float]
+    rtts_s: list[tuple[float, float]]  # (when sent, CLOCK_MONOTONIC; round trip)
     close_code: int | None
     rss_peak_kib: int
     error: str | None = None
 
     @property
     def max_rtt_ms(self) -> float:
-        return round(1000 * max(self.rtts_s, default=float("inf")), 1)
+        return round(1000 * max((rtt for _, rtt in self.rtts_s), default=float("inf")), 1)
+
+    def worst_ping_at(self) -> float:
+        """When the slowest ping was sent (CLOCK_MONOTONIC, the same in every process)."""
+        return max(self.rtts_s, key=lambda p: p[1], default=(float("nan"), 0.0))[0]
 
 
 MAX_GOOD_SECONDS = 600.0
@@ -211,7 +228,7 @@ class PacedStream:
 
     async def _main(self) -> None:
         audio = good_audio(zlib.crc32(self.sid.encode()), self.max_seconds)
-        rtts: list[float] = []
+        rtts: list[tuple[float, float]] = []
         pending: dict[int, float] = {}
         rss_peak = 0
         frames = 0
@@ -239,7 +256,7 @@ class PacedStream:
                         waiter = asyncio.ensure_future(await ws.ping(struct.pack("!I", n)))
 
                         def done(_: Any, n: int = n, sent_at: float = sent_at) -> None:
-                            rtts.append(time.monotonic() - sent_at)
+                            rtts.append((sent_at, time.monotonic() - sent_at))
                             pending.pop(n, None)
 
                         waiter.add_done_callback(done)
@@ -278,7 +295,7 @@ class PacedStream:
         except (OSError, ConnectionClosed, TimeoutError) as exc:
             error = f"{type(exc).__name__}: {exc}"
         now = time.monotonic()
-        rtts.extend(now - t for t in pending.values())  # never answered: as long as we waited
+        rtts.extend((t, now - t) for t in pending.values())  # never answered: all we waited
         sent = {t: a[: frames * FRAME_SAMPLES] for t, a in audio.items()}
         self.frames = frames
         self._result = ProbeResult(self.sid, sent, rtts, close_code, rss_peak, error)
@@ -287,6 +304,7 @@ class PacedStream:
 
 def probe_main(port: int, cert: Path, server_pid: int, sid: str) -> None:
     """The good stream's process: "started" once it streams, its result as JSON at the end."""
+    raise_priority()
     stream = PacedStream(port, tls.client_context(cert), server_pid, sid=sid)
 
     def announce() -> None:
@@ -469,11 +487,15 @@ class Measured:
     metrics: str
     log: str
     figures: dict[str, Any]
+    attack_s: float  # how long the attack ran
+    worst_ping_at_s: float  # when the slowest ping left, from the attack's start
 
     def row(self) -> dict[str, Any]:
         return {
             "attack": self.attack,
             "max_ping_rtt_ms": self.max_rtt_ms,
+            "worst_ping_at_s": self.worst_ping_at_s,
+            "attack_s": self.attack_s,
             "pings": self.pings,
             "rss_before_kib": self.before.rss_kib,
             "rss_peak_kib": self.rss_peak_kib,
@@ -516,7 +538,9 @@ async def measure(
     good = GoodStream(port=server.port, cert=cert, server_pid=server.pid, sid=f"good-{name}")
     good.start()
     await asyncio.sleep(0.3)
+    attack_started = time.monotonic()
     figures = await attack()
+    attack_s = time.monotonic() - attack_started
     await asyncio.sleep(0.3)
     probe = await good.stop()
     await settle_fds(server, before.fds, settle_s)
@@ -535,6 +559,8 @@ async def measure(
         metrics=metrics,
         log=server.log.read_text(),
         figures=figures,
+        attack_s=round(attack_s, 2),
+        worst_ping_at_s=round(probe.worst_ping_at() - attack_started, 2),
     )
     return measured, probe
 
