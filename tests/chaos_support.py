@@ -41,6 +41,7 @@ from tests.soak_helpers import (
     ProcFigures,
     ServerProcess,
     Target,
+    good_stream,
     http_get,
     log_problems,
     proc_figures,
@@ -527,15 +528,12 @@ async def measure(
     then let the server settle and take the figures again (after a full gc)."""
     goal = target(server, client_ssl)
     assert (await http_get(goal, "/healthz"))[0] == 200
-    warm = GoodStream(port=server.port, cert=cert, server_pid=server.pid, sid="warm-up")
-    warm.start()
-    await asyncio.sleep(0.5)
-    await warm.stop()
+    good = GoodStream(port=server.port, cert=cert, server_pid=server.pid, sid=f"good-{name}")
+    await good_stream(goal, "warm-up", frames=25)  # every lazy set-up done before the baseline
     await http_get(goal, "/metrics")
     await asyncio.sleep(0.2)
     await server.collect_garbage()
     before = server.figures()
-    good = GoodStream(port=server.port, cert=cert, server_pid=server.pid, sid=f"good-{name}")
     good.start()
     await asyncio.sleep(0.3)
     attack_started = time.monotonic()

@@ -22,6 +22,7 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -923,9 +924,10 @@ SETTINGS_ERRORS: list[tuple[list[str], dict[str, str]]] = [
 def test_settings_errors_never_show_the_token(tmp_path: Path, report: Any) -> None:
     """Every settings error, with a token set: a message naming the variable, the token in no
     output. (No server starts, so no good stream runs beside this one.)"""
-    leaks = []
-    for args, env in SETTINGS_ERRORS:
-        result = subprocess.run(
+
+    def run(case: tuple[list[str], dict[str, str]]) -> subprocess.CompletedProcess[str]:
+        args, env = case
+        return subprocess.run(
             receiver_cmd(*args),
             env=env_with(**{"RECEIVER_TOKENS": TOKEN, **env}),
             cwd=tmp_path,
@@ -934,6 +936,11 @@ def test_settings_errors_never_show_the_token(tmp_path: Path, report: Any) -> No
             timeout=60,
             check=False,
         )
+
+    with ThreadPoolExecutor(max_workers=len(SETTINGS_ERRORS)) as pool:
+        results = list(pool.map(run, SETTINGS_ERRORS))
+    leaks = []
+    for (args, env), result in zip(SETTINGS_ERRORS, results, strict=True):
         output = result.stdout + result.stderr
         assert result.returncode != 0, (args, env, output)
         assert "RECEIVER_" in output, (args, env, output)
