@@ -15,6 +15,7 @@ import time
 from collections import Counter
 
 from receiver.metrics import Count, Counters
+from receiver.text import shorten
 
 logger = logging.getLogger("receiver.gate")
 
@@ -40,11 +41,6 @@ class RateLimitedLog:
         if skipped:
             message += f" (and {skipped} more like it in the last {self._interval_s:g} s)"
         self._target.log(level, message, *args)
-
-
-def _short(text: str, limit: int = 120) -> str:
-    shown = text.encode("unicode_escape").decode("ascii")
-    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 def tls_failure_reason(exc: BaseException) -> str:
@@ -159,7 +155,7 @@ class ConnectionGate:
             "bad HTTP request from %s (%s): %s",
             ip,
             reason,
-            _short(detail),
+            shorten(detail, 120),
         )
 
     def accept_failed(self, exc: OSError) -> None:

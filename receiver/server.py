@@ -41,7 +41,6 @@ from receiver.exceptions import (
     ProtocolError,
     RecordingFailed,
     UnsupportedMedia,
-    truncate_utf8,
 )
 from receiver.gate import ConnectionGate
 from receiver.health import HealthCheck
@@ -50,8 +49,9 @@ from receiver.metrics import Count, Counters, LiveTracks, ReceiverMetrics
 from receiver.protocol import StreamProtocol
 from receiver.session import Session
 from receiver.settings import Settings
-from receiver.sinks import Fanout, SinkFactory, StreamInfo, StreamSummary, load_sink_factories
-from receiver.sinks.base import StreamEnd
+from receiver.sinks import Fanout, SinkFactory, StreamInfo, StreamSummary, sink_factories_for
+from receiver.sinks.base import Lifecycle, StreamEnd
+from receiver.text import shorten
 
 logger = logging.getLogger("receiver.server")
 
@@ -64,12 +64,6 @@ _TLS_READ_BUFFER_BYTES = 32 * 1024
 _WE_CLOSE = frozenset({"protocol-error", "error", "idle-timeout", "max-duration"})
 # Close codes websockets sends when it refuses a frame: bad framing, invalid UTF-8, too big.
 _FRAME_ERRORS = frozenset({1002, 1007, 1009})
-
-
-def _short(text: str, limit: int = 48) -> str:
-    """Client text made safe for one log line: escaped, bounded."""
-    shown = text.encode("unicode_escape").decode("ascii")
-    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 class Receiver:
@@ -89,9 +83,7 @@ class Receiver:
         self.settings = settings
         self.ssl_context = ssl_context
         self.sink_factories = (
-            list(sink_factories)
-            if sink_factories is not None
-            else load_sink_factories(settings.sinks)
+            list(sink_factories) if sink_factories is not None else sink_factories_for(settings)
         )
         self.counters = Counters()
         self.per_ip: Counter[str] = Counter()
@@ -120,6 +112,7 @@ class Receiver:
             live_streams=self._live_tracks,
         )
         self._cut_drain = asyncio.Event()
+        self._started: list[Lifecycle] = []
 
     async def __aenter__(self) -> Receiver:
         await self.start()
@@ -135,9 +128,13 @@ class Receiver:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        """Bind and start accepting streams."""
+        """Start the sinks' per-process resources, bind and start accepting streams."""
         s = self.settings
         self.health.check_now()
+        for _, factory in self.sink_factories:
+            if isinstance(factory, Lifecycle) and factory not in self._started:
+                await factory.start(s, registry=self.metrics.registry)
+                self._started.append(factory)
         if self.ssl_context is not None and hasattr(asyncio.sslproto.SSLProtocol, "max_size"):
             asyncio.sslproto.SSLProtocol.max_size = _TLS_READ_BUFFER_BYTES
         gate = make_gate(
@@ -194,8 +191,9 @@ class Receiver:
 
     async def shutdown(self, *, drain_timeout_s: float | None = None) -> None:
         """Stop taking streams, let current ones end for ``drain_timeout_s``, then close the rest
-        with 1001 (going away) and finish every file."""
+        with 1001 (going away) and finish every file; then stop the sinks' resources."""
         if self._server is None:
+            await self._stop_resources()
             return
         self.draining = True
         timeout = self.settings.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
@@ -210,6 +208,7 @@ class Receiver:
         self._server.close(close_connections=True)
         await self._server.wait_closed()
         self._server = None
+        await self._stop_resources()
         self._stop_metrics_server()
 
     def _stop_metrics_server(self) -> None:
@@ -217,6 +216,11 @@ class Receiver:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
             self._metrics_server = None
+
+    async def _stop_resources(self) -> None:
+        """Every stream's sinks are closed: now the resources they shared, last started first."""
+        while self._started:
+            await self._started.pop().stop()
 
     @property
     def active_streams(self) -> int:
@@ -358,7 +362,7 @@ class StreamHandler:
             end = await self._read()
         except ProtocolError as exc:
             self.counters.add(Count.PROTOCOL_ERRORS, exc.kind)
-            self.log.warning("closing with %d: %s", exc.close_code, _short(exc.reason, 160))
+            self.log.warning("closing with %d: %s", exc.close_code, shorten(exc.reason, 160))
             end = StreamEnd("protocol-error", exc.close_code, exc.close_reason)
         except RecordingFailed as exc:
             end = self._recording_failed(exc)
@@ -448,7 +452,7 @@ class StreamHandler:
                         pass
                     elif len(self.unknown_events) < self.settings.max_unknown_events:
                         self.unknown_events[name] = None
-                        self.log.info("skipping unknown event %r", _short(name))
+                        self.log.info("skipping unknown event %r", shorten(name))
                     else:
                         self.unknown_events_dropped += 1
                         self._dropped(
@@ -474,7 +478,7 @@ class StreamHandler:
         if sent is not None and not exc.rcvd_then_sent and sent.code in _FRAME_ERRORS:
             # websockets refused a frame itself: too big, invalid UTF-8, bad framing.
             self.counters.add(Count.PROTOCOL_ERRORS, "frame")
-            self.log.warning("closed with %d: %s", sent.code, _short(sent.reason, 160))
+            self.log.warning("closed with %d: %s", sent.code, shorten(sent.reason, 160))
             return StreamEnd("protocol-error", sent.code, sent.reason)
         code = rcvd.code if rcvd is not None else 1006
         reason = rcvd.reason if rcvd is not None else "connection lost without a close frame"
@@ -483,7 +487,7 @@ class StreamHandler:
 
     def _start(self, start: Start) -> None:
         """Open the sinks and the session; an undecodable format still gets its record."""
-        self.log = StreamLogger(logger, {"stream_sid": _short(start.stream_sid)})
+        self.log = StreamLogger(logger, {"stream_sid": shorten(start.stream_sid)})
         request = self.ws.request
         target = urlsplit(request.path if request is not None else "/")
         codec, unsupported = None, None
@@ -511,9 +515,9 @@ class StreamHandler:
         self.counters.add(Count.STREAMS)
         self.log.info(
             "stream started: %s %d Hz, tracks %s",
-            _short(start.media_format.encoding),
+            shorten(start.media_format.encoding),
             start.media_format.sample_rate_hz,
-            _short(",".join(start.tracks)),
+            shorten(",".join(start.tracks)),
         )
         self.fanout.open(self.info)
         if not self.fanout.alive:
@@ -536,12 +540,13 @@ class StreamHandler:
     def _recording_failed(self, exc: RecordingFailed) -> StreamEnd:
         """Count, log and describe the end of a stream that no sink is left to record."""
         self.counters.add(Count.RECORDING_FAILURES)
-        reason = truncate_utf8(str(exc), MAX_CLOSE_REASON_BYTES)
+        reason = shorten(str(exc), MAX_CLOSE_REASON_BYTES)
         self.log.error("closing with %d: %s", exc.close_code, reason)
         return StreamEnd("error", exc.close_code, reason)
 
     async def _finish(self, end: StreamEnd) -> StreamEnd:
-        """Flush what is pending and close every sink, whatever happened before.
+        """Flush what is pending and close every sink, whatever happened before (those with an
+        ``aclose`` awaited, off the event loop's critical path).
 
         Returns how the stream ended: a stop after which no sink is left is a failed recording.
         """

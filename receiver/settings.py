@@ -1,8 +1,8 @@
 """Every setting of the receiver, read once at the edge (the CLI) and passed down as values.
 
 Sources, strongest first: CLI flags (passed as init arguments), ``RECEIVER_*`` environment
-variables, a ``.env`` file in the working directory, the defaults below. This is the only module
-that reads the environment.
+variables, a ``.env`` file in the working directory, the defaults below. The receiver's own
+``RECEIVER_*`` variables are read here only (``receiver streams`` reads ``SIGNALWIRE_*`` itself).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from receiver.codecs import ByteOrder
 from receiver.exceptions import ConfigError
 
 ENV_PREFIX = "RECEIVER_"
 
-ByteOrder = Literal["little", "big"]
 SampleFormat = Literal["pcm16", "native"]
 FileFormat = Literal["wav", "flac"]
 EventLoop = Literal["auto", "asyncio", "uvloop"]
@@ -97,6 +97,27 @@ class Settings(BaseSettings):
     redis_max_queued_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024, le=16 * 1024**3)
     # How long a stream's end waits (on the event loop) for its last entries to be in Redis.
     redis_flush_timeout_s: float = Field(default=2.0, ge=0, le=60)
+    # --- Delivery (receiver/delivery/, README "Uploads" and "Webhooks") -------------------
+    # Where finished streams are uploaded: s3://bucket/prefix, gs://..., az://..., file:///...
+    # Credentials and endpoints come from each store's own variables (AWS_*, GOOGLE_*, AZURE_*).
+    upload_url: str | None = None
+    # Delete the local copy once every file of a stream is verified in the store.
+    upload_delete_local: bool = False
+    # Multipart part size; an upload holds at most part size x concurrency in memory.
+    upload_part_bytes: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024, le=1024**3)
+    upload_concurrency: int = Field(default=2, ge=1, le=16)
+    # One request to the store (a part, a HEAD) fails after this long and is retried.
+    upload_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    # Signed POSTs (Standard Webhooks) of stream.started, stream.ended, recording.uploaded.
+    webhook_url: str | None = None
+    # whsec_<base64 key>; required with webhook_url; never logged.
+    webhook_secret: SecretStr | None = None
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    # Retries of uploads and webhooks: exponential from the first delay up to the cap, with
+    # jitter, for ever (nothing is dropped; the queue is on disk).
+    delivery_retry_first_s: float = Field(default=1.0, gt=0, le=3600)
+    delivery_retry_max_s: float = Field(default=300.0, gt=0, le=86_400)
+    # --- end of delivery settings ------------------------------------------------------------
     log_level: LogLevel = "INFO"
     log_format: Literal["text", "json"] = "text"
     # /metrics is served on the stream port without a token; give it a port of its own (bound
@@ -117,6 +138,39 @@ class Settings(BaseSettings):
     ping_timeout_s: float = Field(default=20.0, gt=0, le=3600)
     # /healthz answers 503 below this much free space in the recordings directory.
     min_free_disk_mb: int = Field(default=256, ge=0, le=1024**3)
+
+    # --- The web page (receiver.web): live streams and recordings, on an address of its own.
+    ui_host: str = "127.0.0.1"
+    # Empty (RECEIVER_UI_PORT=) turns the page off.
+    ui_port: int | None = Field(default=8080, ge=0, le=65535)
+    # Tokens that log in to the page; when empty, any accepted bearer token does.
+    ui_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    # How long a login lasts (the session cookie's expiry).
+    ui_session_s: float = Field(default=12 * 3600.0, ge=60, le=30 * 86_400)
+    # The newest stream directories the list reads; older ones are not listed.
+    ui_max_listed: int = Field(default=10_000, ge=1, le=1_000_000)
+
+    @field_validator("ui_port", mode="before")
+    @classmethod
+    def _empty_port_is_off(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("ui_tokens", mode="before")
+    @classmethod
+    def _split_ui_tokens(cls, value: Any) -> Any:
+        return cls._split_tokens(value)
+
+    @field_validator("ui_tokens")
+    @classmethod
+    def _check_ui_tokens(cls, value: list[SecretStr]) -> list[SecretStr]:
+        return cls._check_tokens(value)
+
+    @property
+    def ui_token_values(self) -> list[str]:
+        """The page's own login tokens, plain; never log them."""
+        return [t.get_secret_value() for t in self.ui_tokens]
+
+    # --- end of the web page's settings.
 
     @field_validator("tokens", mode="before")
     @classmethod
@@ -142,6 +196,36 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return value
 
+    @field_validator("upload_url", "webhook_url", "webhook_secret", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # docker compose passes ${VAR:-} as an empty string: that means "off", not a URL.
+        return None if value == "" else value
+
+    @field_validator("upload_url")
+    @classmethod
+    def _check_upload_url(cls, value: str | None) -> str | None:
+        schemes = ("s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "file")
+        if value is not None and urlsplit(value).scheme not in schemes:
+            raise ValueError("must be an s3://, gs://, az:// or file:/// URL")
+        return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _check_webhook_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            from receiver.delivery.signing import parse_secret
+
+            parse_secret(value.get_secret_value())
+        return value
+
     @field_validator("sinks", mode="before")
     @classmethod
     def _split_sinks(cls, value: Any) -> Any:
@@ -161,6 +245,8 @@ class Settings(BaseSettings):
             raise ValueError(f"{ENV_PREFIX}{missing} must be set together with the other")
         if not self.sinks:
             raise ValueError(f"{ENV_PREFIX}SINKS names no sink")
+        if self.webhook_url is not None and self.webhook_secret is None:
+            raise ValueError(f"{ENV_PREFIX}WEBHOOK_SECRET must be set with {ENV_PREFIX}WEBHOOK_URL")
         return self
 
     @property
@@ -183,7 +269,7 @@ def load_settings(**overrides: Any) -> Settings:
         variable = ENV_PREFIX + location[0].upper() if location else "settings"
         value = error.get("input")
         # Secrets are never echoed: tokens, and a Redis URL may hold a password.
-        secret = location and location[0] in ("tokens", "redis_url")
+        secret = location and location[0] in ("tokens", "redis_url", "webhook_secret", "ui_tokens")
         shown = "" if secret else f" (got {value!r})"
         message = str(error["msg"]).removeprefix("Value error, ")
         raise ConfigError(variable, f"{message}{shown}") from None

@@ -385,7 +385,7 @@ async def test_bad_stream_beside_good_one_leaves_good_one_intact(
     encoded = sox_encode(speech["inbound"].wav[8000], "ul", tmp_path / "in.ul")
     good = build_messages(codec=PCMU, tracks={"inbound": encoded}, stream_sid="good")
     good_play = asyncio.create_task(
-        play(url(receiver), good, token=TOKEN, ssl_context=client_ssl, frame_interval_s=0.002)
+        play(url(receiver), good, token=TOKEN, ssl_context=client_ssl, pace=0.1)
     )
     bad = [start_frame("bad"), "{garbage"]
     code, _ = await send_raw(receiver, client_ssl, bad)
@@ -747,8 +747,7 @@ async def test_metrics_move_during_a_stream(
             messages,
             token=TOKEN,
             ssl_context=client_ssl,
-            frame_interval_s=0.005,
-            frames_per_interval=2,
+            pace=0.25,
         )
     )
     seen = []
@@ -828,9 +827,7 @@ async def test_max_stream_duration_closes_a_busy_stream(
     audio = PCMU.encode(np.full(8000 * 3, 700, dtype=np.int16))
     messages = build_messages(codec=PCMU, tracks={"inbound": audio}, stream_sid="long")
     # Half real time: the wall clock reaches 0.5 s while the timestamps stand near 250 ms.
-    result = await play(
-        url(receiver), messages, token=TOKEN, ssl_context=client_ssl, frame_interval_s=0.04
-    )
+    result = await play(url(receiver), messages, token=TOKEN, ssl_context=client_ssl, pace=2.0)
     assert result.close_code == 1008
     assert "max stream duration" in (result.close_reason or "")
     directory = recording(receiver, "long")
