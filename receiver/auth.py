@@ -154,10 +154,10 @@ def count_refusals(
     (400 a malformed WebSocket handshake, 426 a plain HTTP request for a stream)."""
 
     def check(connection: ServerConnection, request: Request, response: Response) -> None:
-        if response.status_code in (HTTPStatus.BAD_REQUEST, HTTPStatus.UPGRADE_REQUIRED):
+        exc = connection.protocol.handshake_exc  # set for websockets' answers, not the gate's
+        if exc is not None and response.status_code in (400, 426):
             reason = "invalid_handshake" if response.status_code == 400 else "not_websocket"
-            detail = str(connection.protocol.handshake_exc or response.reason_phrase)
-            connection_gate.bad_request(peer_ip(connection), reason=reason, detail=detail)
+            connection_gate.bad_request(peer_ip(connection), reason=reason, detail=str(exc))
 
     return check
 

@@ -232,6 +232,7 @@ def _serve(args: argparse.Namespace) -> int:
             flush=True,
         )
     ssl_context = _server_tls(settings)
+    fit_fd_limit(settings)
     from receiver.server import Receiver
 
     ui = None
@@ -291,6 +292,39 @@ def _server_tls(settings: Settings) -> Any:
         cert.fingerprint_sha256,
     )
     return tls.server_context(cert.cert_path, cert.key_path)
+
+
+# Each stream holds about 4 fds (its socket, the in-progress marker, two track files), each
+# handshake in progress one; the rest (listening sockets, logs, Redis, metrics) fits in this.
+FDS_PER_STREAM = 4
+FD_HEADROOM = 64
+
+
+def fit_fd_limit(settings: Settings) -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard one (the one process-wide change ``serve``
+    makes for it); ConfigError when the configured streams cannot fit. Returns the limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = soft
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1024 * 1024)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            limit = wanted
+        except (ValueError, OSError):
+            pass
+    if limit != soft:
+        logger.info("file descriptor limit raised from %d to %d", soft, limit)
+    needed = FDS_PER_STREAM * settings.max_streams + settings.max_pending_handshakes + FD_HEADROOM
+    if needed > limit:
+        raise ConfigError(
+            "RECEIVER_MAX_STREAMS",
+            f"{FDS_PER_STREAM} file descriptors a stream, plus "
+            f"RECEIVER_MAX_PENDING_HANDSHAKES and {FD_HEADROOM} more, need {needed}; the fd "
+            f"limit is {limit} (ulimit -n): lower them or raise the limit",
+        )
+    return limit
 
 
 def _pem_problem(cert: Path, key: Path, exc: Exception) -> str:

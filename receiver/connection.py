@@ -18,15 +18,14 @@ invalid UTF-8, bad framing, a keepalive timeout): ``send_data`` keeps it, ``cons
 
 Every write goes through ``_write``, which aborts a connection whose unsent bytes pass the
 gate's limit (a client that pings and never reads its pongs), and the gate counts the
-connection as a handshake in progress from its construction (at accept) until its handler
-starts or it ends.
+connection (admitted at accept by ``receiver.listener``) as a handshake in progress until its
+handler starts or it ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -42,7 +41,7 @@ from websockets.protocol import State
 from websockets.typing import Data
 
 from receiver.frames import TextFrames
-from receiver.gate import ConnectionGate
+from receiver.gate import ConnectionGate, PendingHandshake
 
 # Reading pauses while this much received text waits for the consumer (websockets' own queue
 # pauses at 16 messages): a bound on each connection's memory when the handler is not reading.
@@ -69,12 +68,8 @@ class StreamConnection(ServerConnection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.peer_ip = "unknown"
-        # At accept: a handshake in progress until the handler starts or the connection ends;
-        # a TLS handshake that fails never reaches connection_lost, hence the finalizer.
-        self._handshake = self.gate.admit()
-        if self._handshake is not None:
-            weakref.finalize(self, self._handshake.release)
-        self._address_counted = False
+        # Set by the listener: the gate's count of this handshake, until the handler starts.
+        self.pending_handshake: PendingHandshake | None = None
         self._live = False  # a handler reads the stream: what websockets sends waits
         self._deferred: list[bytes] = []  # what websockets sent while live, until release()
         self._closing: asyncio.Future[None] | None = None  # done once something was deferred
@@ -193,24 +188,13 @@ class StreamConnection(ServerConnection):
 
     def handshake_over(self) -> None:
         """The handshake is done (or failed): no longer counted as pending by the gate."""
-        if self._handshake is not None:
-            self._handshake.release()
-        if self._address_counted:
-            self._address_counted = False
-            self.gate.address_done(self.peer_ip)
+        if self.pending_handshake is not None:
+            self.pending_handshake.release()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """After TLS: closed if the gate refused it at accept or refuses its address now."""
         peer = transport.get_extra_info("peername")
         self.peer_ip = str(peer[0]) if peer else "unknown"
         super().connection_made(transport)
-        if self._handshake is None:
-            self.transport.abort()
-        elif self.gate.admit_address(self.peer_ip):
-            self._address_counted = True
-        else:
-            self.handshake_over()
-            self.transport.abort()
 
     def send_data(self) -> None:
         """As websockets' (with our write-buffer check), but while the stream is live a close

@@ -57,13 +57,14 @@ def tls_failure_reason(exc: BaseException) -> str:
 class PendingHandshake:
     """One handshake in progress; ``release()`` (idempotent) when it is over, however."""
 
-    def __init__(self, gate: ConnectionGate) -> None:
+    def __init__(self, gate: ConnectionGate, ip: str) -> None:
         self._gate: ConnectionGate | None = gate
+        self.ip = ip
 
     def release(self) -> None:
         gate, self._gate = self._gate, None
         if gate is not None:
-            gate.pending -= 1
+            gate._over(self.ip)
 
 
 class ConnectionGate:
@@ -86,25 +87,21 @@ class ConnectionGate:
         self.pending_per_ip: Counter[str] = Counter()
         self._log = RateLimitedLog(logger)
 
-    def admit(self) -> PendingHandshake | None:
-        """At accept (a connection object is made): a handshake in progress, or None when too
-        many are (the connection is then closed as soon as the loop hands it over)."""
+    def admit(self, ip: str) -> PendingHandshake | None:
+        """At accept: a handshake in progress (``release()`` it once over), or None past a cap
+        (then close the connection)."""
         if self.pending >= self.max_pending_handshakes:
-            self._refuse("pending_limit", "unknown")
+            self._refuse("pending_limit", ip)
             return None
-        self.pending += 1
-        return PendingHandshake(self)
-
-    def admit_address(self, ip: str) -> bool:
-        """Once the peer is known: False past the per-address cap (then close it)."""
         if self.pending_per_ip[ip] >= self.max_pending_handshakes_per_ip:
             self._refuse("pending_ip_limit", ip)
-            return False
+            return None
+        self.pending += 1
         self.pending_per_ip[ip] += 1
-        return True
+        return PendingHandshake(self, ip)
 
-    def address_done(self, ip: str) -> None:
-        """A handshake ``admit_address`` let through is over."""
+    def _over(self, ip: str) -> None:
+        self.pending -= 1
         self.pending_per_ip[ip] -= 1
         if not self.pending_per_ip[ip]:
             del self.pending_per_ip[ip]
@@ -114,7 +111,7 @@ class ConnectionGate:
         self._log.log(
             logging.WARNING,
             reason,
-            "refused a connection from %s: %d handshakes in progress (%d from it)",
+            "refused a connection from %s at accept: %d handshakes in progress (%d from it)",
             ip,
             self.pending,
             self.pending_per_ip[ip],

@@ -65,8 +65,8 @@ class QuietInfo(logging.LoggerAdapter[logging.Logger]):
     "connection closed": two a /healthz probe, none with the peer) lowered to DEBUG; we log
     what matters about each connection ourselves."""
 
-    def info(self, msg: object, *args: object, **kwargs: Any) -> None:
-        self.debug(msg, *args, **kwargs)
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        super().log(logging.DEBUG if level == logging.INFO else level, msg, *args, **kwargs)
 
 
 def setup_logging(*, level: str, log_format: LogFormat) -> None:

@@ -15,12 +15,13 @@ import ssl
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any, assert_never
+from typing import Any, assert_never, cast
 from urllib.parse import urlsplit
 
 from prometheus_client import start_wsgi_server
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.server import ServerProtocol
 
 from receiver.auth import (
     TokenChecker,
@@ -42,8 +43,9 @@ from receiver.exceptions import (
     RecordingFailed,
     UnsupportedMedia,
 )
-from receiver.gate import ConnectionGate
+from receiver.gate import ConnectionGate, PendingHandshake
 from receiver.health import HealthCheck
+from receiver.listener import Listener, bind
 from receiver.logs import QuietInfo, StreamLogger
 from receiver.metrics import Count, Counters, LiveTracks, ReceiverMetrics
 from receiver.protocol import StreamProtocol
@@ -170,12 +172,11 @@ class Receiver:
             raise ListenError(role="streams", host=s.host, port=s.port, problem=problem) from None
 
     async def _serve(self, connection: type[StreamConnection], gate: Any) -> Server:
+        """websockets' Server over our own accept loop (``receiver.listener``)."""
         s = self.settings
-        return await serve(
+        quiet = QuietInfo(logging.getLogger("websockets.server"))
+        server = serve(
             self._handle,
-            s.host,
-            s.port,
-            ssl=self.ssl_context,
             process_request=gate,
             process_response=count_refusals(self.gate),
             max_size=s.max_message_bytes,
@@ -185,9 +186,38 @@ class Receiver:
             ping_timeout=s.ping_timeout_s,
             close_timeout=s.close_timeout_s,
             server_header="receiver",
-            logger=QuietInfo(logging.getLogger("websockets.server")),
+            logger=quiet,
             create_connection=connection,
         )
+
+        def make_connection(handshake: PendingHandshake) -> StreamConnection:
+            # What websockets' own protocol factory builds (websockets/asyncio/server.py).
+            protocol = ServerProtocol(max_size=s.max_message_bytes, logger=quiet)
+            made = connection(
+                protocol,
+                server,
+                ping_interval=s.ping_interval_s,
+                ping_timeout=s.ping_timeout_s,
+                close_timeout=s.close_timeout_s,
+            )
+            made.pending_handshake = handshake
+            return made
+
+        listener = Listener(
+            bind(s.host, s.port),
+            gate=self.gate,
+            protocol_factory=make_connection,
+            tls_context=self.ssl_context,
+            tls_handshake_timeout_s=s.handshake_timeout_s,
+            tls_shutdown_timeout_s=s.close_timeout_s,
+        )
+
+        async def create_server() -> asyncio.Server:
+            listener.start_serving()
+            return cast(asyncio.Server, listener)
+
+        server.create_server = create_server
+        return await server
 
     async def shutdown(self, *, drain_timeout_s: float | None = None) -> None:
         """Stop taking streams, let current ones end for ``drain_timeout_s``, then close the rest
