@@ -409,19 +409,19 @@ async def test_many_streams_at_fd_limit(
     refused before it starts (503 past RECEIVER_MAX_STREAMS, or at accept past the pending
     handshakes; counted), none closed 1011 "Too many open files".
 
-    CI and long: 300 streams (the issue's); long also runs 1,200 at once."""
-    streams = 1200 if long else 300
+    CI: one round of 300 streams (the issue's); long: 5 rounds of 1,200, with RSS after each."""
+    streams, rounds = (1200, 5) if long else (300, 1)
     recordings = tmp_path / "recordings"
     with chaos_server(tmp_path, tls_files, nofile=1024, env=FITS_1024) as server:
 
-        async def attack() -> dict[str, Any]:
+        async def one_round(r: int) -> Counter[str]:
             opened = asyncio.Event()
             ready = 0
             pcm = (np.arange(160, dtype=np.int16) * 97).tobytes()
 
             async def one(i: int) -> str:
                 nonlocal ready
-                sid = f"many-{i}"
+                sid = f"many-{r}-{i}"
                 try:
                     try:
                         reader, writer = await open_stream(
@@ -457,8 +457,22 @@ async def test_many_streams_at_fd_limit(
                 except (OSError, ssl.SSLError) as exc:
                     return f"cut ({type(exc).__name__})"
 
-            outcomes = Counter(await asyncio.gather(*(one(i) for i in range(streams))))
-            return {"streams": streams, "outcomes": dict(outcomes)}
+            return Counter(await asyncio.gather(*(one(i) for i in range(streams))))
+
+        async def attack() -> dict[str, Any]:
+            outcomes: Counter[str] = Counter()
+            rss_after_gc = []
+            for r in range(rounds):
+                outcomes += await one_round(r)
+                await asyncio.sleep(0.5)
+                await server.collect_garbage()
+                rss_after_gc.append(server.figures().rss_kib)
+            return {
+                "streams": streams,
+                "rounds": rounds,
+                "outcomes": dict(outcomes),
+                "rss_after_gc_kib_by_round": rss_after_gc,
+            }
 
         measured, probe = await run_measured(
             "many-streams", server, client_ssl, tls_files, report, attack
