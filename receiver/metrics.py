@@ -43,6 +43,7 @@ class Count(StrEnum):
     BAD_REQUESTS = "bad_requests"
     CLOSE_TIMEOUTS = "close_timeouts"
     HEALTH_FAILURES = "health_failures"
+    MEMORY_TRIMS = "memory_trims"
     DROPPED = "dropped"
 
 
@@ -81,6 +82,9 @@ COUNTERS: dict[Count, CounterSpec] = {
         None, "Connections cut after our close frame went unanswered for the close timeout."
     ),
     Count.HEALTH_FAILURES: CounterSpec("reason", "/healthz answers of 503, by reason."),
+    Count.MEMORY_TRIMS: CounterSpec(
+        None, "malloc_trim calls after floods of connections (memory handed back to the OS)."
+    ),
     Count.DROPPED: CounterSpec(
         "what", "Items a stream sent past a per-stream bound (marks, dtmf, ...), dropped."
     ),
