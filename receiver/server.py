@@ -71,8 +71,8 @@ _FRAME_ERRORS = frozenset({1002, 1007, 1009})
 class Receiver:
     """The receiver server: ``await start()``, then ``await shutdown()`` (or ``async with``).
 
-    ``counters`` counts what happened (streams, frames, rejections, errors by kind) for logs,
-    tests and later metrics.
+    ``counters`` (``receiver.metrics.Counters``) counts what happened, each counter exported in
+    ``/metrics``; ``gate`` holds the connection limits.
     """
 
     def __init__(
