@@ -25,7 +25,7 @@ from pydantic import SecretStr
 from receiver import __version__
 from receiver.codecs import CLI_CODECS, codec_for
 from receiver.events import Track
-from receiver.exceptions import ConfigError, ReceiverError
+from receiver.exceptions import ConfigError, ListenError, ReceiverError
 from receiver.logs import setup_logging
 from receiver.settings import Settings, load_settings
 from receiver.text import parse_pairs
@@ -194,10 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=_simulate)
 
     from receiver.consume import add_consume_parser
+    from receiver.delivery.command import add_upload_parser
     from receiver.streams_cli import add_streams_parser
 
     add_streams_parser(sub)
     add_consume_parser(sub)
+    add_upload_parser(sub)
 
     return parser
 
@@ -216,9 +218,9 @@ def _serve(args: argparse.Namespace) -> int:
     )
     setup_logging(level=settings.log_level, log_format=settings.log_format)
     check_recordings_dir(settings.recordings_dir)
-    from receiver.sinks import load_sink_factories
+    from receiver.sinks import sink_factories_for
 
-    sink_factories = load_sink_factories(settings.sinks)
+    sink_factories = sink_factories_for(settings)
     _report_interrupted(settings.recordings_dir)
     if not settings.tokens:
         token = secrets.token_urlsafe(32)
@@ -233,8 +235,15 @@ def _serve(args: argparse.Namespace) -> int:
     fit_fd_limit(settings)
     from receiver.server import Receiver
 
+    ui = None
+    if settings.ui_port is not None:  # the web page (receiver.web), beside it in this loop
+        from receiver.web import WebUI
+
+        ui = WebUI(settings)
+        sink_factories.append(ui.sink())
     receiver = Receiver(settings, ssl_context=ssl_context, sink_factories=sink_factories)
-    return _event_loop_runner(settings.event_loop)(_run_until_signal(receiver))
+    run = _run_until_signal(receiver)
+    return _event_loop_runner(settings.event_loop)(ui.serving(run) if ui else run)
 
 
 def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, int]], int]:
@@ -363,12 +372,11 @@ async def _run_until_signal(receiver: Any) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
-    from receiver.exceptions import ListenError
-
     try:
         await receiver.start()
     except ListenError as exc:
         logger.error("%s", exc)
+        await receiver.shutdown()
         return 1
     s = receiver.settings
     metrics_at = (
@@ -389,10 +397,6 @@ async def _run_until_signal(receiver: Any) -> int:
     )
     await stop.wait()
     await receiver.shutdown()
-    if "receiver.sinks.redis_stream" in sys.modules:
-        from receiver.sinks.redis_stream import close_publishers
-
-        await asyncio.to_thread(close_publishers)
     recorded = receiver.counters["streams"]
     logger.info("stopped: %d stream%s recorded", recorded, "" if recorded == 1 else "s")
     return 0

@@ -51,8 +51,8 @@ from receiver.metrics import Count, Counters, LiveTracks, ReceiverMetrics
 from receiver.protocol import StreamProtocol
 from receiver.session import Session
 from receiver.settings import Settings
-from receiver.sinks import Fanout, SinkFactory, StreamInfo, StreamSummary, load_sink_factories
-from receiver.sinks.base import StreamEnd
+from receiver.sinks import Fanout, SinkFactory, StreamInfo, StreamSummary, sink_factories_for
+from receiver.sinks.base import Lifecycle, StreamEnd
 from receiver.text import shorten
 
 logger = logging.getLogger("receiver.server")
@@ -85,9 +85,7 @@ class Receiver:
         self.settings = settings
         self.ssl_context = ssl_context
         self.sink_factories = (
-            list(sink_factories)
-            if sink_factories is not None
-            else load_sink_factories(settings.sinks)
+            list(sink_factories) if sink_factories is not None else sink_factories_for(settings)
         )
         self.counters = Counters()
         self.per_ip: Counter[str] = Counter()
@@ -117,6 +115,7 @@ class Receiver:
         )
         self._cut_drain = asyncio.Event()
         self._trimmer: asyncio.Task[None] | None = None
+        self._started: list[Lifecycle] = []
 
     async def __aenter__(self) -> Receiver:
         await self.start()
@@ -132,9 +131,13 @@ class Receiver:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        """Bind and start accepting streams."""
+        """Start the sinks' per-process resources, bind and start accepting streams."""
         s = self.settings
         self.health.check_now()
+        for _, factory in self.sink_factories:
+            if isinstance(factory, Lifecycle) and factory not in self._started:
+                await factory.start(s, registry=self.metrics.registry)
+                self._started.append(factory)
         if self.ssl_context is not None and hasattr(asyncio.sslproto.SSLProtocol, "max_size"):
             asyncio.sslproto.SSLProtocol.max_size = _TLS_READ_BUFFER_BYTES
         gate = make_gate(
@@ -220,8 +223,9 @@ class Receiver:
 
     async def shutdown(self, *, drain_timeout_s: float | None = None) -> None:
         """Stop taking streams, let current ones end for ``drain_timeout_s``, then close the rest
-        with 1001 (going away) and finish every file."""
+        with 1001 (going away) and finish every file; then stop the sinks' resources."""
         if self._server is None:
+            await self._stop_resources()
             return
         self.draining = True
         timeout = self.settings.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
@@ -241,6 +245,7 @@ class Receiver:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._trimmer
             self._trimmer = None
+        await self._stop_resources()
         self._stop_metrics_server()
 
     def _stop_metrics_server(self) -> None:
@@ -248,6 +253,11 @@ class Receiver:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
             self._metrics_server = None
+
+    async def _stop_resources(self) -> None:
+        """Every stream's sinks are closed: now the resources they shared, last started first."""
+        while self._started:
+            await self._started.pop().stop()
 
     @property
     def active_streams(self) -> int:
@@ -572,7 +582,8 @@ class StreamHandler:
         return StreamEnd("error", exc.close_code, reason)
 
     async def _finish(self, end: StreamEnd) -> StreamEnd:
-        """Flush what is pending and close every sink, whatever happened before.
+        """Flush what is pending and close every sink, whatever happened before (those with an
+        ``aclose`` awaited, off the event loop's critical path).
 
         Returns how the stream ended: a stop after which no sink is left is a failed recording.
         """
