@@ -98,8 +98,10 @@ def server(
             RECEIVER_TLS_CERT=str(work.cert),
             RECEIVER_TLS_KEY=str(work.key),
             RECEIVER_RECORDINGS_DIR=str(recordings),
-            RECEIVER_MAX_STREAMS="10000",
+            # 4 fds a stream must fit the fd limit (receiver serve refuses to start otherwise)
+            RECEIVER_MAX_STREAMS="4000",
             RECEIVER_MAX_CONNECTIONS_PER_IP="10000",
+            RECEIVER_MAX_PENDING_HANDSHAKES_PER_IP="1000",
             RECEIVER_LOG_LEVEL="WARNING",
             RECEIVER_DRAIN_TIMEOUT_S="0",
             RECEIVER_EVENT_LOOP="uvloop" if kind == "receiver" else "asyncio",

@@ -108,11 +108,12 @@ class Counters:
         if isinstance(key, tuple):
             return self._values[(Count(key[0]), key[1])]
         counter = Count(key)
-        return sum(v for (c, _), v in self._values.items() if c is counter)
+        # list(): the metrics port's thread reads while the loop counts.
+        return sum(v for (c, _), v in list(self._values.items()) if c is counter)
 
     def labels(self, counter: Count) -> dict[str, int]:
         """Every label of ``counter`` seen so far, with its value."""
-        return {label: v for (c, label), v in sorted(self._values.items()) if c is counter}
+        return {label: v for (c, label), v in sorted(list(self._values.items())) if c is counter}
 
 
 _TRACK_FIELDS = (
