@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import re
+import select
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -387,9 +388,14 @@ def test_vad_example_creates_the_recordings_directory(tmp_path: Path, tls_files:
         ) as vad,
     ):
         assert vad.stdout is not None
+
+        def line(timeout_s: float = 30) -> str:
+            """vad.py's next line of output, or "" when none comes in time."""
+            ready, _, _ = select.select([vad.stdout], [], [], timeout_s)
+            return vad.stdout.readline() if ready else ""  # type: ignore[union-attr]
+
         try:
-            ready = vad.stdout.readline()  # blocks until vad.py says it listens (or exits)
-            assert "listening" in ready, (tmp_path / "vad.log").read_text()
+            assert "listening" in line(), (tmp_path / "vad.log").read_text()
             tone = tone_wav(tmp_path / "tone.wav", 1.0)
             sim = run_receiver(
                 *("simulate", str(tone), "--stream-sid", "vad", "--cafile", str(tls_files.cert)),
@@ -397,7 +403,7 @@ def test_vad_example_creates_the_recordings_directory(tmp_path: Path, tls_files:
                 env=env,
             )
             assert sim.returncode == 0, sim.stderr
-            assert "inbound speech" in vad.stdout.readline()
+            assert "inbound speech" in line()
         finally:
             vad.terminate()
     assert (recordings / "vad" / "inbound.wav").is_file()
