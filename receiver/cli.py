@@ -1,5 +1,5 @@
 """The ``receiver`` command: ``serve``, ``repair``, ``health``, ``simulate``, ``streams``,
-``consume``.
+``consume``, ``upload``.
 
 Reads settings once (flags over ``RECEIVER_*`` over ``.env``), sets up logging and TLS, picks
 the sinks and runs. Every failure a user can cause is one line on stderr, never a traceback.
@@ -25,7 +25,7 @@ from pydantic import SecretStr
 from receiver import __version__
 from receiver.codecs import CLI_CODECS, codec_for
 from receiver.events import Track
-from receiver.exceptions import ConfigError, ReceiverError
+from receiver.exceptions import ConfigError, ListenError, ReceiverError
 from receiver.logs import setup_logging
 from receiver.settings import Settings, load_settings
 from receiver.text import parse_pairs
@@ -194,10 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=_simulate)
 
     from receiver.consume import add_consume_parser
+    from receiver.delivery.command import add_upload_parser
     from receiver.streams_cli import add_streams_parser
 
     add_streams_parser(sub)
     add_consume_parser(sub)
+    add_upload_parser(sub)
 
     return parser
 
@@ -216,9 +218,9 @@ def _serve(args: argparse.Namespace) -> int:
     )
     setup_logging(level=settings.log_level, log_format=settings.log_format)
     check_recordings_dir(settings.recordings_dir)
-    from receiver.sinks import load_sink_factories
+    from receiver.sinks import sink_factories_for
 
-    sink_factories = load_sink_factories(settings.sinks)
+    sink_factories = sink_factories_for(settings)
     _report_interrupted(settings.recordings_dir)
     if not settings.tokens:
         token = secrets.token_urlsafe(32)
@@ -230,10 +232,18 @@ def _serve(args: argparse.Namespace) -> int:
             flush=True,
         )
     ssl_context = _server_tls(settings)
+    fit_fd_limit(settings)
     from receiver.server import Receiver
 
+    ui = None
+    if settings.ui_port is not None:  # the web page (receiver.web), beside it in this loop
+        from receiver.web import WebUI
+
+        ui = WebUI(settings)
+        sink_factories.append(ui.sink())
     receiver = Receiver(settings, ssl_context=ssl_context, sink_factories=sink_factories)
-    return _event_loop_runner(settings.event_loop)(_run_until_signal(receiver))
+    run = _run_until_signal(receiver)
+    return _event_loop_runner(settings.event_loop)(ui.serving(run) if ui else run)
 
 
 def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, int]], int]:
@@ -284,6 +294,39 @@ def _server_tls(settings: Settings) -> Any:
     return tls.server_context(cert.cert_path, cert.key_path)
 
 
+# Each stream holds about 4 fds (its socket, the in-progress marker, two track files), each
+# handshake in progress one; the rest (listening sockets, logs, Redis, metrics) fits in this.
+FDS_PER_STREAM = 4
+FD_HEADROOM = 64
+
+
+def fit_fd_limit(settings: Settings) -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard one (the one process-wide change ``serve``
+    makes for it); ConfigError when the configured streams cannot fit. Returns the limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = soft
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1024 * 1024)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            limit = wanted
+        except (ValueError, OSError):
+            pass
+    if limit != soft:
+        logger.info("file descriptor limit raised from %d to %d", soft, limit)
+    needed = FDS_PER_STREAM * settings.max_streams + settings.max_pending_handshakes + FD_HEADROOM
+    if needed > limit:
+        raise ConfigError(
+            "RECEIVER_MAX_STREAMS",
+            f"{FDS_PER_STREAM} file descriptors a stream, plus "
+            f"RECEIVER_MAX_PENDING_HANDSHAKES and {FD_HEADROOM} more, need {needed}; the fd "
+            f"limit is {limit} (ulimit -n): lower them or raise the limit",
+        )
+    return limit
+
+
 def _pem_problem(cert: Path, key: Path, exc: Exception) -> str:
     """What is wrong with a certificate/key pair OpenSSL refused ("[SSL] PEM lib")."""
     try:
@@ -331,31 +374,31 @@ async def _run_until_signal(receiver: Any) -> int:
         loop.add_signal_handler(sig, on_signal)
     try:
         await receiver.start()
-    except OSError as exc:
-        logger.error(
-            "cannot listen on %s:%s: %s",
-            receiver.settings.host,
-            receiver.settings.port,
-            exc.strerror or exc,
-        )
+    except ListenError as exc:
+        logger.error("%s", exc)
+        await receiver.shutdown()
         return 1
     s = receiver.settings
+    metrics_at = (
+        f"http://{s.metrics_host}:{receiver.metrics_port}/metrics"
+        if receiver.metrics_port is not None
+        else "/metrics on this port"
+    )
     logger.info(
-        "listening on %s://%s:%d/ (health: /healthz), %d token(s), recordings in %s, %s loop",
+        "listening on %s://%s:%d/ (health: /healthz, metrics: %s), %d token(s), recordings in "
+        "%s, %s loop",
         "ws" if receiver.ssl_context is None else "wss",
         s.host,
         receiver.port,
+        metrics_at,
         len(s.tokens),
         s.recordings_dir.resolve(),
         "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio",
     )
     await stop.wait()
     await receiver.shutdown()
-    if "receiver.sinks.redis_stream" in sys.modules:
-        from receiver.sinks.redis_stream import close_publishers
-
-        await asyncio.to_thread(close_publishers)
-    logger.info("stopped: %d streams recorded", receiver.counters["streams"])
+    recorded = receiver.counters["streams"]
+    logger.info("stopped: %d stream%s recorded", recorded, "" if recorded == 1 else "s")
     return 0
 
 
@@ -380,13 +423,20 @@ def _repair(args: argparse.Namespace) -> int:
     if not directory.is_dir():
         raise ConfigError("DIR", f"{directory} is not a directory")
     repaired = repair(directory)
+    problems = 0
     for stream in repaired:
         files = ", ".join(
             f"{w.path.name} {w.samples} samples{' (header fixed)' if w.changed else ''}"
             for w in stream.wavs
         )
         print(f"{stream.directory}: interrupted; {files or 'no audio'}")
+        for problem in stream.problems:  # one line each, never a traceback
+            print(f"{stream.directory}: {problem}", file=sys.stderr)
+        problems += len(stream.problems)
     print(f"{len(repaired)} interrupted stream(s) repaired under {directory}")
+    if problems:
+        print(f"{problems} problem(s) left: see above", file=sys.stderr)
+        return 1
     return 0
 
 

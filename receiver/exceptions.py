@@ -10,6 +10,7 @@
      │    ├── UnsupportedMedia      1003: binary frames, an encoding we cannot decode
      │    └── LimitExceeded         1008: a size, count or time limit
      ├── SinkError              a sink failed; names the sink
+     ├── ListenError            a port could not be bound; names which one (streams or metrics)
      ├── RecordingFailed        every sink of a stream failed: the stream is closed with 1011
      ├── ConnectFailed          the simulator reached no receiver, or was refused; names the URL
      └── SignalWireError        (receiver.signalwire) the Conference Streams API client
@@ -143,6 +144,20 @@ class RecordingFailed(ReceiverError):
 
     def __str__(self) -> str:
         return "recording failed: " + "; ".join(self.errors)
+
+
+class ListenError(ReceiverError):
+    """A listening socket could not be bound: ``role`` says which (``streams``, ``metrics``)."""
+
+    def __init__(self, *, role: str, host: str, port: int, problem: str) -> None:
+        super().__init__(role, host, port, problem)
+        self.role = role
+        self.host = host
+        self.port = port
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"cannot listen on {self.host}:{self.port} for {self.role}: {self.problem}"
 
 
 class ConnectFailed(ReceiverError):

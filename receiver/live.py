@@ -143,6 +143,9 @@ class LiveAudio:
 class _LiveSink:
     """The sink side: copies batches into the stream's queues (sinks must not keep views)."""
 
+    location: str | None = None
+    writes_record = False
+
     def __init__(self, source: LiveAudio) -> None:
         self._source = source
         self._stream: LiveStream | None = None

@@ -67,10 +67,17 @@ class StreamProtocol:
     for any input (the fuzz tests hold it to that).
     """
 
-    def __init__(self, *, max_custom_parameters: int = 99, max_parameter_chars: int = 4096) -> None:
+    def __init__(
+        self,
+        *,
+        max_custom_parameters: int = 99,
+        max_parameter_chars: int = 4096,
+        max_name_chars: int = _MAX_NAME_CHARS,
+    ) -> None:
         self.state = State.AWAITING_START
         self.max_custom_parameters = max_custom_parameters
         self.max_parameter_chars = max_parameter_chars
+        self.max_name_chars = max_name_chars
         self._single_track: Track | None = None
 
     def receive(self, message: str | bytes) -> Event:
@@ -98,6 +105,8 @@ class StreamProtocol:
                 if self.state is State.STOPPED:
                     raise UnexpectedMessage("a second stop")
                 self.state = State.STOPPED
+            case UnknownEvent(name=name) if len(name) > self.max_name_chars:
+                return UnknownEvent(name=name[: self.max_name_chars])
             case Connected() | UnknownEvent():
                 pass
         return event
@@ -230,7 +239,7 @@ def parse_event(obj: Mapping[str, Any], *, default_track: Track | None = None) -
             stop = obj.get("stop")
             return Stop(sequence_number=sequence_number, raw=stop if isinstance(stop, dict) else {})
         case _:
-            return UnknownEvent(name=name[:64])
+            return UnknownEvent(name=name)  # cut to max_name_chars by StreamProtocol
 
 
 def _parse_media(

@@ -4,7 +4,12 @@ A live stream's wav sink holds an ``flock`` on ``<recordings>/.in-progress/<dir>
 whose lock can be taken belongs to a stream whose process died. Its WAV headers are at most
 one batch behind (the sink rewrites them after every batch), so strict readers open them as they
 are; ``repair`` makes them exact (data that reached the disk after the last header update) and
-marks ``stream.json`` ``"interrupted"``.
+marks ``stream.json`` ``"interrupted"``. A stream whose final ``stream.json`` could not be written
+(a full disk) leaves its marker unlocked too, and is finished the same way.
+
+Repair never stops at one bad file: each problem (a WAV that is not RIFF, a write that fails)
+is one line in ``StreamRepair.problems``; a stream whose ``stream.json`` could not be written
+keeps its marker, so that the next ``receiver repair`` tries again.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ class StreamRepair:
 
     directory: Path
     wavs: list[WavRepair] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    finished: bool = True  # stream.json written: the marker is removed
 
 
 @contextlib.contextmanager
@@ -83,20 +90,44 @@ def repair(recordings_dir: Path) -> list[StreamRepair]:
         with _abandoned(marker) as abandoned:
             if not abandoned:  # a server took it up meanwhile
                 continue
+            done = True
             if directory.is_dir():
-                repaired.append(repair_stream(directory))
-            marker.unlink(missing_ok=True)
+                stream = repair_stream(directory)
+                repaired.append(stream)
+                done = stream.finished
+            if done:
+                marker.unlink(missing_ok=True)
     return repaired
 
 
 def repair_stream(directory: Path) -> StreamRepair:
-    """Fix the stream's WAV headers and mark its ``stream.json`` interrupted."""
-    wavs = [repair_wav(path) for path in sorted(directory.glob("*.wav"))]
+    """Fix the stream's WAV headers and mark its ``stream.json`` interrupted.
+
+    Problems (a file that cannot be read or written) are listed, never raised.
+    """
+    wavs: list[WavRepair] = []
+    problems: list[str] = []
+    for leftover in directory.glob("*.tmp"):  # a write a crash or a full disk cut short
+        with contextlib.suppress(OSError):
+            leftover.unlink()
+    for path in sorted(directory.glob("*.wav")):
+        try:
+            wavs.append(repair_wav(path))
+        except (OSError, ValueError) as exc:
+            problems.append(f"{path.name}: {_describe(exc)}")
     record_path = directory / RECORD_NAME
     record: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError):
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-    rate = record.get("media_format", {}).get("sample_rate_hz")
+    try:
+        loaded = json.loads(record_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        loaded = {}
+    except (OSError, ValueError) as exc:
+        problems.append(f"{RECORD_NAME}: unreadable, written anew ({_describe(exc)})")
+        loaded = {}
+    if isinstance(loaded, dict):
+        record = loaded
+    media_format = record.get("media_format")
+    rate = media_format.get("sample_rate_hz") if isinstance(media_format, dict) else None
     record["status"] = "interrupted"
     record["end"] = {
         "kind": "interrupted",
@@ -104,15 +135,30 @@ def repair_stream(directory: Path) -> StreamRepair:
         "reason": "the receiver stopped without finishing this stream (crash or kill)",
     }
     record["repaired_at"] = datetime.now(UTC).isoformat()
-    tracks = record.setdefault("tracks", {})
+    tracks = record.get("tracks")
+    if not isinstance(tracks, dict):
+        tracks = record["tracks"] = {}
     for wav in wavs:
         stats = tracks.setdefault(wav.path.stem, {})
+        if not isinstance(stats, dict):
+            stats = tracks[wav.path.stem] = {}
         stats["samples"] = wav.samples
         if isinstance(rate, int) and rate > 0:
             stats["duration_s"] = round(wav.samples / rate, 6)
     record["files"] = {wav.path.stem: wav.path.name for wav in wavs}
-    write_json_atomic(record_path, record)
-    return StreamRepair(directory, wavs)
+    try:
+        write_json_atomic(record_path, record)
+    except (OSError, ValueError, RecursionError) as exc:
+        problems.append(f"{RECORD_NAME}: not written ({_describe(exc)}); run repair again")
+        return StreamRepair(directory, wavs, problems, finished=False)
+    return StreamRepair(directory, wavs, problems)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for a problem: the OS's words when there are some."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 def repair_wav(path: Path) -> WavRepair:

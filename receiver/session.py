@@ -6,6 +6,10 @@ so the tracks of one stream share one timeline. A frame's place comes from ``med
 frame". Lost frames become silence of exactly their length; duplicated or overlapping frames
 never duplicate audio. Audio is decoded in batches (one numpy call per ``batch_ms``), which is
 both what keeps the decoder cheap and what the sinks want.
+
+Everything a client can make grow is bounded: silence per jump (``max_gap_s``, whichever field
+placed the frame) and per track (``max_silence_s``), marks, DTMF digits and mark names. Past a
+bound the excess is counted (``TrackStats``, ``Dropped``), never stored.
 """
 
 from __future__ import annotations
@@ -38,6 +42,19 @@ class AudioBatch:
 # What most frames return: no batch is complete yet.
 _NOTHING: tuple[AudioBatch, ...] = ()
 
+# Gaps are handed out in slices of at most this long: a 60 s gap is 6 batches, so that a read
+# full of frames that each make max_gap_s of silence stays short (bench figures in git log).
+SILENCE_SLICE_S = 10
+# The slices are views of one shared, read-only block (960 KB a process, at the highest rate a
+# codec decodes), never allocated a gap; sinks tell them by ``is_gap_fill``.
+_SILENCE = np.zeros(SILENCE_SLICE_S * 48_000, dtype=np.int16)
+_SILENCE.flags.writeable = False
+
+
+def is_gap_fill(samples: NDArray[np.int16]) -> bool:
+    """Whether a batch is silence the session made for a gap (a sink may store it as a hole)."""
+    return samples.base is _SILENCE
+
 
 @dataclass(frozen=True, slots=True)
 class DtmfRecord:
@@ -69,9 +86,14 @@ class TrackStats:
     gaps: int = 0
     silence_samples: int = 0
     duplicate_frames: int = 0
+    # Frames of a chunk that was missing when a later one came: their place is already silence.
+    late_frames: int = 0
     overlap_samples_dropped: int = 0
     chunks_missing: int = 0
+    # Jumps past max_gap_s (timestamp or chunk) and jumps cut short by max_silence_s: the
+    # silence they would have made is skipped (the track's clock shifts), in skipped_ms.
     clock_jumps: int = 0
+    silence_capped: int = 0
     clock_jump_skipped_ms: float = 0.0
     first_chunk: int | None = None
     last_chunk: int | None = None
@@ -87,8 +109,28 @@ class TrackStats:
 
 
 @dataclass(slots=True)
+class Dropped:
+    """What a stream sent past its bounds: counted here, not kept."""
+
+    marks: int = 0
+    dtmf: int = 0
+    mark_names_cut: int = 0  # marks kept with their name cut to max_name_chars
+
+    def as_dict(self) -> dict[str, int]:
+        """The record form."""
+        return asdict(self)
+
+
+# How far behind the newest chunk a missing one is remembered, so that it counts as late rather
+# than as a duplicate when it comes after all (2.56 s of 20 ms frames; a bounded set a track).
+_LATE_CHUNKS = 128
+
+
+@dataclass(slots=True)
 class _TrackClock:
+    silence_left: int  # what max_silence_s still allows this track
     stats: TrackStats = field(default_factory=TrackStats)
+    missing: set[int] = field(default_factory=set)  # recent missing chunks
     cursor: int = 0  # next free sample position of the track
     offset: int = 0  # subtracted from timestamp positions after a clock jump
     shift: int = 0  # where the last frame was put minus where its timestamp said (jitter)
@@ -103,7 +145,7 @@ class Session:
     ``media`` returns the batches that became complete (most calls return none); ``flush``
     returns what is still pending and is called once at the end, however the stream ended.
     Raises ``MalformedMessage`` for a payload of impossible length and ``LimitExceeded`` for a
-    frame placed beyond ``max_duration_s``.
+    frame placed beyond ``max_duration_s``. Defaults match ``receiver.settings``.
     """
 
     def __init__(
@@ -114,6 +156,10 @@ class Session:
         batch_ms: int = 200,
         max_duration_s: float = 21600.0,
         max_gap_s: float = 60.0,
+        max_silence_s: float = 3600.0,
+        max_marks: int = 10_000,
+        max_dtmf: int = 10_000,
+        max_name_chars: int = 256,
     ) -> None:
         self.start = start
         self.codec = codec
@@ -121,14 +167,22 @@ class Session:
         self.batch_samples = max(1, self.rate * batch_ms // 1000)
         self.max_samples = int(max_duration_s * self.rate)
         self.max_gap_samples = int(max_gap_s * self.rate)
+        self.max_silence_samples = int(max_silence_s * self.rate)
+        self.max_marks = max_marks
+        self.max_dtmf = max_dtmf
+        self.max_name_chars = max_name_chars
         self._one_ms = max(1, self.rate // 1000)
         self._bytes_per_sample = codec.bytes_per_sample
         self._tracks: dict[Track, _TrackClock] = {}
-        # One second of shared, read-only silence; long gaps are handed out in views of it.
-        self._silence = np.zeros(self.rate, dtype=np.int16)
-        self._silence.flags.writeable = False
+        # The slice of silence that long gaps are handed out in views of.
+        slice_samples = SILENCE_SLICE_S * self.rate
+        self._silence = _SILENCE[:slice_samples]
+        if len(self._silence) < slice_samples:  # no codec decodes past 48 kHz; but never less
+            self._silence = np.zeros(slice_samples, dtype=np.int16)
+            self._silence.flags.writeable = False
         self.dtmf: list[DtmfRecord] = []
         self.marks: list[MarkRecord] = []
+        self.dropped = Dropped()
 
     def media(self, frame: Media) -> Sequence[AudioBatch]:
         """Place one frame; return the batches it completed (usually none)."""
@@ -142,33 +196,44 @@ class Session:
         n = size // bytes_per_sample
         clock = self._tracks.get(track)
         if clock is None:
-            clock = self._tracks[track] = _TrackClock()
+            clock = self._tracks[track] = _TrackClock(self.max_silence_samples)
         stats = clock.stats
         cursor = clock.cursor
         last_chunk = stats.last_chunk
 
+        skipped = 0
         if chunk is not None and last_chunk is not None:
             if chunk <= last_chunk:
-                stats.duplicate_frames += 1
+                if chunk in clock.missing:  # reordered: it came after a later chunk
+                    clock.missing.discard(chunk)
+                    stats.late_frames += 1
+                    stats.chunks_missing -= 1
+                else:
+                    stats.duplicate_frames += 1
                 return _NOTHING
-            stats.chunks_missing += chunk - last_chunk - 1
+            skipped = chunk - last_chunk - 1
+            if skipped:
+                stats.chunks_missing += skipped
+                self._note_missing(clock, last_chunk, chunk)
 
         if timestamp is not None:
             target = timestamp * self.rate // 1000 - clock.offset
-            jump = target - cursor
-            if abs(jump) > self.max_gap_samples:
-                # A clock jump past max_gap_s (a corrupt timestamp, a clock reset): fill at most
-                # max_gap_s and shift the track's clock, rather than write hours of silence
-                # or drop every later frame as "already placed".
-                kept = self.max_gap_samples if jump > 0 else 0
-                clock.offset += jump - kept
-                target = cursor + kept
-                stats.clock_jumps += 1
-                stats.clock_jump_skipped_ms += round((jump - kept) * 1000 / self.rate, 3)
-        elif chunk is not None and last_chunk is not None:
-            target = cursor + (chunk - last_chunk - 1) * n
         else:
-            target = cursor
+            target = cursor + skipped * n  # without a chunk either, skipped is 0
+        jump = target - cursor
+        tolerance = n // 2 if n // 2 > self._one_ms else self._one_ms
+        if jump > self.max_gap_samples or (timestamp is not None and -jump > self.max_gap_samples):
+            # A clock jump past max_gap_s (a corrupt timestamp or chunk, a clock reset): fill at
+            # most max_gap_s and shift the track's clock, rather than write hours of silence
+            # or drop every later frame as "already placed".
+            stats.clock_jumps += 1
+            jump = self._skip(clock, jump, self.max_gap_samples if jump > 0 else 0, timestamp)
+            target = cursor + jump
+        if jump > tolerance and jump > clock.silence_left:
+            # The track has made all the silence max_silence_s allows: jumps shift its clock.
+            stats.silence_capped += 1
+            jump = self._skip(clock, jump, clock.silence_left, timestamp)
+            target = cursor + jump
         if target + n > self.max_samples:
             raise LimitExceeded("media placed beyond the max stream duration")
 
@@ -186,10 +251,10 @@ class Session:
         # Timestamps are whole ms and may jitter: a frame within half its length (and at least
         # 1 ms) of the cursor continues the track; further away it is a gap or an overlap.
         delta = target - cursor
-        tolerance = n // 2 if n // 2 > self._one_ms else self._one_ms
         out: list[AudioBatch] | None = None
         if delta > tolerance:
             out = [*self._flush_track(track, clock), *self._silence_batches(track, cursor, delta)]
+            clock.silence_left -= delta
             if cursor == 0:
                 stats.leading_silence_samples += delta
             else:
@@ -239,8 +304,11 @@ class Session:
             out.extend(self._flush_track(track, clock))
         return out
 
-    def on_dtmf(self, event: Dtmf) -> DtmfRecord:
-        """Record a key press at the current stream time."""
+    def on_dtmf(self, event: Dtmf) -> DtmfRecord | None:
+        """Record a key press at the current stream time; None past ``max_dtmf`` (counted)."""
+        if len(self.dtmf) >= self.max_dtmf:
+            self.dropped.dtmf += 1
+            return None
         record = DtmfRecord(
             digit=event.digit,
             at_ms=self.position_ms,
@@ -250,9 +318,19 @@ class Session:
         self.dtmf.append(record)
         return record
 
-    def on_mark(self, event: Mark) -> MarkRecord:
-        """Record a mark at the current stream time."""
-        record = MarkRecord(name=event.name, at_ms=self.position_ms)
+    def on_mark(self, event: Mark) -> MarkRecord | None:
+        """Record a mark at the current stream time; None past ``max_marks`` (counted).
+
+        A name longer than ``max_name_chars`` is cut (and counted): the mark's place is kept.
+        """
+        if len(self.marks) >= self.max_marks:
+            self.dropped.marks += 1
+            return None
+        name = event.name
+        if len(name) > self.max_name_chars:
+            name = name[: self.max_name_chars]
+            self.dropped.mark_names_cut += 1
+        record = MarkRecord(name=name, at_ms=self.position_ms)
         self.marks.append(record)
         return record
 
@@ -266,6 +344,20 @@ class Session:
     def track_stats(self) -> dict[Track, TrackStats]:
         """Per-track statistics, in the order the tracks first sent audio."""
         return {track: clock.stats for track, clock in self._tracks.items()}
+
+    def _skip(self, clock: _TrackClock, jump: int, kept: int, timestamp: int | None) -> int:
+        """Keep ``kept`` of a jump; timestamps then land that much earlier. Returns ``kept``."""
+        if timestamp is not None:
+            clock.offset += jump - kept
+        clock.stats.clock_jump_skipped_ms += round((jump - kept) * 1000 / self.rate, 3)
+        return kept
+
+    @staticmethod
+    def _note_missing(clock: _TrackClock, last_chunk: int, chunk: int) -> None:
+        """Remember the chunks just skipped, at most ``_LATE_CHUNKS`` behind ``chunk``."""
+        floor = max(last_chunk + 1, chunk - _LATE_CHUNKS)
+        clock.missing = {c for c in clock.missing if c >= floor}
+        clock.missing.update(range(floor, chunk))
 
     def _flush_track(self, track: Track, clock: _TrackClock) -> Iterator[AudioBatch]:
         if not clock.pending:

@@ -51,6 +51,19 @@ LONG_RUNS = LongRuns()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--screenshots DIR``: where tests/test_web.py saves the web page's screenshots.
+    ``--chaos-long``, ``--chaos-report FILE``: tests/test_chaos.py at the issue's sizes (what
+    `bash scripts/chaos` runs), each attack's figures collected in FILE. ``--fuzz-*`` and
+    ``--soak-*``: the sizes of tests/test_fuzz.py and tests/test_soak.py (``LongRuns``)."""
+    parser.addoption(
+        "--screenshots",
+        metavar="DIR",
+        default=None,
+        help="save the web page's screenshots to DIR (docs to update the README's)",
+    )
+    chaos = parser.getgroup("chaos", "the chaos suite (tests/test_chaos.py)")
+    chaos.addoption("--chaos-long", action="store_true", help="run each attack at its full size")
+    chaos.addoption("--chaos-report", default=None, help="append each attack's figures here")
     group = parser.getgroup("receiver", "the long runs of tests/test_fuzz.py and test_soak.py")
     group.addoption(
         "--fuzz-examples",
@@ -256,6 +269,7 @@ def receiver_cmd(*args: str) -> list[str]:
 def env_with(**values: str) -> dict[str, str]:
     """This process's environment without RECEIVER_* variables, plus ``values``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECEIVER_")}
+    env["RECEIVER_UI_PORT"] = ""  # the web page is off unless a test turns it on
     env.update(values)
     return env
 

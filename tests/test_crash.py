@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import ssl
 import subprocess
 import time
 import wave
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from websockets.asyncio.client import connect
 
 from receiver.codecs import CLI_CODECS, codec_for
 from receiver.simulate import build_messages
-from tests.conftest import TOKEN, TlsFiles, env_with, run, run_receiver
+from tests.conftest import TOKEN, TlsFiles, env_with, receiver_cmd, run, run_receiver
 from tests.soak_helpers import upgrade_request
 
 PCMU = codec_for(CLI_CODECS["pcmu"])
@@ -187,3 +189,137 @@ async def test_a_client_that_sees_the_end_finds_its_files_complete(
         results = await asyncio.gather(*(stream(n) for n in range(20)))
     assert results == [[len(expected)] * 2] * 20
     assert server.stop() == 0
+
+
+def _file_size_limit(limit_bytes: int) -> Callable[[], None]:
+    """A preexec_fn: files of the process can grow to ``limit_bytes``; past it a write fails
+    with EFBIG (SIGXFSZ ignored), as on a full disk, without filling one."""
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return limit
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def test_disk_full_at_the_final_stream_json_leaks_nothing_and_repair_finishes_it(
+    served: Any, tls_files: TlsFiles, client_ssl: ssl.SSLContext
+) -> None:
+    """The final stream.json fails to be written (EFBIG): the marker's fd and lock are released,
+    no .tmp is left, the failure is logged and counted, and `receiver repair` finishes it."""
+    server = served(
+        RECEIVER_TOKENS=TOKEN,
+        RECEIVER_TLS_CERT=str(tls_files.cert),
+        RECEIVER_TLS_KEY=str(tls_files.key),
+        preexec_fn=_file_size_limit(256 * 1024),
+    )
+    server.wait_listening()
+    context = ssl.create_default_context(cafile=str(tls_files.cert))
+    # One request first: the event loop keeps a spare fd from its first accept on (uvloop's
+    # reserve for EMFILE), which is no stream's.
+    await asyncio.to_thread(_get, server.port, "/healthz", context)
+    baseline = _open_fds(server.proc.pid)
+    root = server.cwd / "recordings"
+    audio = PCMU.encode((np.arange(8000 * 2) % 4000 - 2000).astype(np.int16))
+    messages = build_messages(codec=PCMU, tracks={"inbound": audio}, stream_sid="full")
+    # 2,000 marks of 200 characters: a final stream.json of ~500 KB, past the 256 KiB limit.
+    marks = [
+        json.dumps({"event": "mark", "mark": {"name": f"{i:04}" + "m" * 196}}) for i in range(2000)
+    ]
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    url = f"wss://localhost:{server.port}/"
+    async with connect(url, ssl=client_ssl, additional_headers=headers) as ws:
+        for message in [*messages[:-1], *marks, messages[-1]]:
+            await ws.send(message)
+        await ws.wait_closed()
+    deadline = time.monotonic() + 10
+    while _open_fds(server.proc.pid) > baseline and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # another process: nothing to await but its fds
+    assert _open_fds(server.proc.pid) == baseline
+    directory = root / "full"
+    assert sorted(p.name for p in directory.iterdir()) == ["inbound.wav", "stream.json"]
+    assert json.loads((directory / "stream.json").read_text())["status"] == "recording"
+    marker = root / ".in-progress" / "full"
+    assert marker.exists()  # unlocked: left for repair
+    log = server.log.read_text()
+    assert "sink 'wav' failed" in log and "during close" in log and "File too large" in log
+    assert "Traceback" not in log
+    metrics = await asyncio.to_thread(_get, server.port, "/metrics", context)
+    assert 'receiver_sink_errors_total{sink="wav"} 1.0' in metrics
+    assert server.stop() == 0
+
+    result = run_receiver("repair", str(root), cwd=server.cwd, env=env_with())
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    record = json.loads((directory / "stream.json").read_text())
+    assert record["status"] == "interrupted"
+    assert record["tracks"]["inbound"]["samples"] == len(audio)
+    np.testing.assert_array_equal(read_strict(directory / "inbound.wav"), PCMU.decode(audio))
+    assert not marker.exists()
+
+
+def _get(port: int, path: str, context: ssl.SSLContext) -> str:
+    import http.client
+
+    conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
+
+
+def test_repair_reports_each_problem_in_one_line_and_retries_what_it_could_not_write(
+    tmp_path: Path,
+) -> None:
+    """A WAV that is not RIFF and a stream.json that cannot be written (EFBIG) are one line each
+    on stderr, exit 1, no traceback, no .tmp; the marker stays until the record is written."""
+    root = tmp_path / "recordings"
+    directory = root / "broken"
+    directory.mkdir(parents=True)
+    (root / ".in-progress").mkdir()
+    marker = root / ".in-progress" / "broken"
+    marker.touch()
+    (directory / "outbound.wav").write_bytes(b"")  # its header never reached the disk
+    good = PCMU.decode(PCMU.encode(np.arange(-4000, 4000, 4, dtype=np.int16)))
+    with wave.open(str(directory / "inbound.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000)
+        w.writeframes(good.astype("<i2").tobytes())
+    big = {"status": "recording", "media_format": {"sample_rate_hz": 8000}, "pad": "p" * 300_000}
+    (directory / "stream.json").write_text(json.dumps(big))
+    (directory / "stream.json.tmp").write_text("")
+
+    limited = subprocess.run(
+        receiver_cmd("repair", str(root)),
+        env=env_with(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        preexec_fn=_file_size_limit(64 * 1024),
+    )
+    assert limited.returncode == 1
+    assert "Traceback" not in limited.stderr
+    problems = [line for line in limited.stderr.splitlines() if line.startswith(str(directory))]
+    assert len(problems) == 2, limited.stderr
+    assert "outbound.wav: outbound.wav is not a RIFF/WAVE file" in problems[0]
+    assert "stream.json: not written (File too large); run repair again" in problems[1]
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "inbound.wav",
+        "outbound.wav",
+        "stream.json",
+    ]
+    assert marker.exists()
+
+    again = run_receiver("repair", str(root), cwd=tmp_path, env=env_with())
+    assert again.returncode == 1  # the empty WAV stays a problem, reported
+    assert "Traceback" not in again.stderr
+    record = json.loads((directory / "stream.json").read_text())
+    assert record["status"] == "interrupted"
+    assert record["tracks"]["inbound"]["samples"] == len(good)
+    assert not marker.exists()

@@ -1526,16 +1526,19 @@ def hostile_frames(draw: st.DrawFn, width: int) -> list[Media]:
 @fuzz
 def test_hostile_frame_metadata_keeps_the_timeline_bounded(data: Any) -> None:
     """Any chunks, stamps and payload lengths: refusals only 1007/1008, the timeline bounded."""
-    # Contiguous tracks within the max duration, and no timestamp adds over max_gap_s of silence.
+    # Contiguous tracks within the max duration; no frame adds over max_gap_s of silence, and no
+    # track over max_silence_s in all, whatever placed it (timestamp, chunk or neither).
     codec = CODECS[data.draw(st.sampled_from(sorted(CODECS)))]
     rate = codec.sample_rate_hz
     max_duration_s = data.draw(st.sampled_from([1.0, 5.0, 20.0]))
     max_gap_s = data.draw(st.sampled_from([0.05, 0.5, 2.0, 60.0]))
+    max_silence_s = data.draw(st.sampled_from([0.1, 3.0, 3600.0]))
     session = make_session(
         codec,
         batch_ms=data.draw(st.integers(20, 1000)),
         max_duration_s=max_duration_s,
         max_gap_s=max_gap_s,
+        max_silence_s=max_silence_s,
     )
     frames = data.draw(hostile_frames(codec.bytes_per_sample))
     max_samples = int(max_duration_s * rate)
@@ -1557,8 +1560,8 @@ def test_hostile_frame_metadata_keeps_the_timeline_bounded(data: Any) -> None:
         sent[frame.track] += n
         stats = session.track_stats[frame.track]
         added = stats.silence_samples + stats.leading_silence_samples - silence_before
-        if frame.timestamp_ms is not None:
-            assert added <= max_gap, f"{added} samples of silence for one timestamp"
+        assert added <= max_gap, f"{added} samples of silence for one frame"
+        assert stats.silence_samples + stats.leading_silence_samples <= int(max_silence_s * rate)
         # Placed audio stays within the max duration (a frame absorbed as jitter may run half
         # a frame past it).
         assert stats.samples <= max_samples + max(n // 2, rate // 1000)

@@ -7,9 +7,9 @@ import pytest
 from numpy.typing import NDArray
 
 from receiver.codecs import CLI_CODECS, codec_for
-from receiver.events import Dtmf, Media, MediaFormat, Start, StreamSid, Track
+from receiver.events import Dtmf, Mark, Media, MediaFormat, Start, StreamSid, Track
 from receiver.exceptions import LimitExceeded, MalformedMessage
-from receiver.session import AudioBatch, Session
+from receiver.session import AudioBatch, Session, is_gap_fill
 
 L16 = codec_for(MediaFormat("audio/x-l16", 8000))
 PCMU = codec_for(CLI_CODECS["pcmu"])
@@ -153,7 +153,7 @@ def test_batches_are_cut_by_time_and_contiguous() -> None:
 
 
 def test_long_gap_is_handed_out_in_bounded_views() -> None:
-    """A 1-minute gap is filled with silence batches of at most 1 s each."""
+    """A 1-minute gap is filled with silence batches of at most 10 s each, views of one block."""
     s = session()
     batches = [
         *s.media(frame("inbound", 1, 0, ramp(0))),
@@ -161,8 +161,11 @@ def test_long_gap_is_handed_out_in_bounded_views() -> None:
     ]
     silence = [b for b in batches if not b.samples.any()]
     assert sum(len(b.samples) for b in silence) == 60 * 8000 - 160
-    assert max(len(b.samples) for b in silence) <= 8000
+    assert max(len(b.samples) for b in silence) <= 10 * 8000
+    assert len(silence) == 6
     assert all(not b.samples.flags.writeable for b in silence)
+    assert all(is_gap_fill(b.samples) for b in silence)
+    assert not any(is_gap_fill(b.samples) for b in batches if b.samples.any())
 
 
 def test_frame_beyond_max_duration_is_refused() -> None:
@@ -221,3 +224,81 @@ def test_first_frame_far_in_the_future_is_capped_too() -> None:
     audio = play(s, [frame("inbound", 1, 3600 * 1000, ramp(0))]).audio("inbound")
     assert len(audio) == 8000 + 160
     assert s.track_stats["inbound"].clock_jumps == 1
+
+
+def test_chunk_jump_without_timestamp_fills_at_most_max_gap() -> None:
+    """Chunk 1 -> 1,000,000 with no timestamp makes max_gap_s of silence, not 5.5 hours;
+    the chunks after it still follow on."""
+    s = session(max_gap_s=2)
+    frames = [
+        frame("inbound", 1, None, ramp(0)),
+        frame("inbound", 1_000_000, None, ramp(160)),
+        frame("inbound", 1_000_001, None, ramp(320)),
+    ]
+    audio = play(s, frames).audio("inbound")
+    assert len(audio) == 160 + 2 * 8000 + 2 * 160
+    assert not audio[160 : 160 + 16000].any()
+    np.testing.assert_array_equal(audio[16160:], np.arange(160, 480, dtype=np.int16))
+    stats = s.track_stats["inbound"]
+    assert (stats.clock_jumps, stats.silence_samples, stats.chunks_missing) == (1, 16000, 999_998)
+    assert stats.clock_jump_skipped_ms == (999_998 * 160 - 16000) / 8
+
+
+@pytest.mark.parametrize("by", ["timestamp", "chunk"])
+def test_total_silence_of_a_track_is_capped(by: str) -> None:
+    """Jumps of max_gap_s, repeated, make at most max_silence_s of silence in all; past it
+    they shift the clock (counted) and the audio still follows on."""
+    s = session(max_gap_s=1, max_silence_s=3)
+    frames = []
+    for i in range(10):  # each frame 1 s (minus its own length) after the one before
+        ts = i * 1000 if by == "timestamp" else None
+        chunk = 1 + i * 50 if by == "chunk" else None
+        frames.append(frame("inbound", chunk, ts, ramp(i * 160)))
+    audio = play(s, frames).audio("inbound")
+    stats = s.track_stats["inbound"]
+    assert stats.silence_samples == 3 * 8000  # 3 whole gaps of 7,840 samples, then 480
+    assert (stats.gaps, stats.silence_capped) == (4, 6)
+    assert len(audio) == 10 * 160 + 3 * 8000
+    np.testing.assert_array_equal(audio[audio != 0], np.arange(1, 1600, dtype=np.int16))
+
+
+def test_leading_silence_counts_against_the_total() -> None:
+    """A late first frame uses up the silence allowance like a gap does."""
+    s = session(max_gap_s=10, max_silence_s=2)
+    out = play(s, [frame("inbound", 1, 5000, ramp(0)), frame("inbound", 2, 8000, ramp(160))])
+    stats = s.track_stats["inbound"]
+    assert stats.leading_silence_samples == 16000
+    assert (stats.silence_samples, stats.silence_capped) == (0, 2)
+    assert len(out.audio("inbound")) == 16000 + 320
+
+
+def test_a_reordered_frame_counts_once_as_late() -> None:
+    """Chunk 3 after chunk 4: one late frame, nothing missing, no duplicate; its place is
+    silence (already written), chunk 4 stays where it belongs."""
+    s = session()
+    frames = [
+        frame("inbound", 1, 0, ramp(0)),
+        frame("inbound", 2, 20, ramp(160)),
+        frame("inbound", 4, 60, ramp(480)),
+        frame("inbound", 3, 40, ramp(320)),
+        frame("inbound", 5, 80, ramp(640)),
+        frame("inbound", 5, 80, ramp(640)),
+    ]
+    audio = play(s, frames).audio("inbound")
+    assert not audio[320:480].any()
+    np.testing.assert_array_equal(audio[480:], np.arange(480, 800, dtype=np.int16))
+    stats = s.track_stats["inbound"]
+    assert (stats.late_frames, stats.chunks_missing, stats.duplicate_frames) == (1, 0, 1)
+    assert (stats.gaps, stats.silence_samples) == (1, 160)
+
+
+def test_marks_and_dtmf_past_their_caps_are_counted_and_dropped() -> None:
+    """max_marks / max_dtmf records are kept; the rest are counted in ``dropped``; a mark name
+    over max_name_chars is cut and counted."""
+    s = session(max_marks=3, max_dtmf=2, max_name_chars=8)
+    marks = [s.on_mark(Mark(name=f"m{i}" * (2 * i + 1))) for i in range(5)]
+    digits = [s.on_dtmf(Dtmf(digit="1")) for _ in range(4)]
+    assert [m.name if m else None for m in marks] == ["m0", "m1m1m1", "m2m2m2m2", None, None]
+    assert [d is not None for d in digits] == [True, True, False, False]
+    assert (len(s.marks), len(s.dtmf)) == (3, 2)
+    assert s.dropped.as_dict() == {"marks": 2, "dtmf": 2, "mark_names_cut": 1}

@@ -15,6 +15,7 @@ whose lock is free belongs to a stream a crash interrupted (see ``receiver.recov
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import json
@@ -30,7 +31,7 @@ from numpy.typing import NDArray
 
 from receiver import __version__
 from receiver.events import Track
-from receiver.session import DtmfRecord, MarkRecord
+from receiver.session import DtmfRecord, MarkRecord, is_gap_fill
 from receiver.sinks.base import StreamInfo, StreamSummary
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ _MAX_DIR_CHARS = 64
 _MAX_SAME_SID = 1000
 # Native G.711 keeps the platform's bytes; libsndfile encodes our int16 back to the same codes.
 _NATIVE_SUBTYPES = {"pcmu": "ULAW", "pcma": "ALAW"}
+_RECORD_ENCODER = json.JSONEncoder(indent=2, ensure_ascii=True)
 
 
 def safe_dirname(stream_sid: str) -> str:
@@ -82,11 +84,23 @@ def update_header(file: soundfile.SoundFile) -> None:
 
 
 def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
-    """Replace ``path`` with ``record`` so that readers see the old or the new file, whole."""
+    """Replace ``path`` with ``record`` so that readers see the old or the new file, whole.
+
+    On failure (a full disk) the old file stays and no ``.tmp`` is left behind.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    # ensure_ascii: ids and parameters may hold lone surrogates that UTF-8 cannot carry.
-    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=True) + "\n", encoding="ascii")
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="ascii") as out:
+            # Written piece by piece: no whole copy of a large record in memory, and from a
+            # thread (WavSink.aclose) the encoder lets the event loop run between pieces.
+            # ensure_ascii: ids and parameters may hold lone surrogates that UTF-8 cannot carry.
+            for piece in _RECORD_ENCODER.iterencode(record):
+                out.write(piece)
+            out.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class TrackWriter(Protocol):
@@ -127,7 +141,15 @@ class Pcm16Wav:
         if self._data_bytes + data.nbytes > self._MAX_DATA_BYTES:
             raise OSError("a WAV file holds at most 4 GiB of audio")
         try:
-            self._write_all(data.data, data.nbytes)
+            if is_gap_fill(samples):
+                # Silence the session made for a gap (up to 10 s a slice): the file grows by a
+                # hole that reads as zeros instead of by a write of zeros, which would cost the
+                # event loop ~130 us a second of 48 kHz, and the disk nothing.
+                end = self._HEADER.size + self._data_bytes + data.nbytes
+                os.ftruncate(self._fd, end)
+                os.lseek(self._fd, end, os.SEEK_SET)
+            else:
+                self._write_all(data.data, data.nbytes)
             os.pwrite(self._fd, self._header(data.nbytes), 0)
         except OSError as exc:  # say which file: errno's text alone does not
             raise OSError(exc.errno, f"writing {self._name} failed: {exc.strerror}") from exc
@@ -235,24 +257,37 @@ class WavSink:
         """Kept for ``stream.json``."""
         self._events.append(record)
 
+    async def aclose(self, summary: StreamSummary) -> None:
+        """``close`` in a thread: the stereo mix and a ``stream.json`` of thousands of marks
+        (3 MB, ~60 ms to encode) must not hold the event loop."""
+        await asyncio.to_thread(self.close, summary)
+
     def close(self, summary: StreamSummary) -> None:
-        """Finish every file (and the stereo mix), then write the final ``stream.json``."""
+        """Finish every file (and the stereo mix), then write the final ``stream.json``.
+
+        The marker's lock is released whatever fails. When the final ``stream.json`` cannot be
+        written (a full disk) the marker stays, unlocked, so that ``receiver repair`` finishes
+        the stream later; the error is raised for the caller to log and count.
+        """
         errors: list[BaseException] = []
-        for file in self._files.values():
-            try:
-                file.close()
-            except Exception as exc:  # noqa: BLE001 - finish the other files, then report
-                errors.append(exc)
-        if self.stereo and self._files and not errors:
-            try:
-                self._mix_stereo()
-            except Exception as exc:  # noqa: BLE001 - the mono files stand; report
-                errors.append(exc)
-        if self.directory is not None:
-            write_json_atomic(
-                self.directory / RECORD_NAME, self._record(status="complete", summary=summary)
-            )
-        self._release_marker()
+        finished = False
+        try:
+            for file in self._files.values():
+                try:
+                    file.close()
+                except Exception as exc:  # noqa: BLE001 - finish the other files, then report
+                    errors.append(exc)
+            if self.stereo and self._files and not errors:
+                try:
+                    self._mix_stereo()
+                except Exception as exc:  # noqa: BLE001 - the mono files stand; report
+                    errors.append(exc)
+            if self.directory is not None:
+                record = self._record(status="complete", summary=summary)
+                write_json_atomic(self.directory / RECORD_NAME, record)
+            finished = True
+        finally:
+            self._release_marker(keep=not finished)
         if errors:
             raise errors[0]
 
@@ -303,13 +338,16 @@ class WavSink:
         self._marker_fd = os.open(self._marker, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
         fcntl.flock(self._marker_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
-    def _release_marker(self) -> None:
-        if self._marker is not None:
-            self._marker.unlink(missing_ok=True)
+    def _release_marker(self, *, keep: bool = False) -> None:
+        """Unlock (close) the marker; remove it unless ``keep`` (left for ``receiver repair``)."""
+        try:
+            if self._marker is not None and not keep:
+                self._marker.unlink(missing_ok=True)
+        finally:
             self._marker = None
-        if self._marker_fd is not None:
-            os.close(self._marker_fd)
-            self._marker_fd = None
+            if self._marker_fd is not None:
+                os.close(self._marker_fd)
+                self._marker_fd = None
 
     def _open_track(self, track: Track) -> TrackWriter:
         assert self._info is not None and self._info.codec is not None and self.directory
