@@ -13,6 +13,7 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,7 @@ def site(
     soundfile.write(live_out, np.concatenate([second, first]), 8000, subtype="PCM_16")
     # A file of the recordings directory that points outside it: never served.
     (root / "recordings" / GAP_SID / "leak.wav").symlink_to("/etc/passwd")
-    yield Site(
+    site = Site(
         served,
         f"https://127.0.0.1:{ui_port}",
         stream_url,
@@ -137,10 +138,25 @@ def site(
         live_wav,
         screenshots,
     )
-    assert served.stop() == 0, served.log.read_text()
+    yield site
+    # SIGTERM with a live view open: the view ends, the process drains and exits 0.
+    conn, view = _open_live_view(site)
+
+    def read_to_the_end() -> bytes:
+        """Read on as a browser does while the server stops, then close (TLS close_notify)."""
+        try:
+            return view.read()  # to its clean end: no IncompleteRead
+        finally:
+            conn.close()
+
+    with ThreadPoolExecutor(1) as reader:
+        rest = reader.submit(read_to_the_end)
+        assert served.stop() == 0, served.log.read_text()
+        assert rest.result(timeout=30).endswith(b"\n\n")
     text = served.log.read_text()
     assert TOKEN not in text
     assert "web page: error" not in text
+    assert "timeout graceful shutdown exceeded" not in text
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +221,28 @@ def _raw(
         return response.status, dict(response.getheaders()), response.read()
     finally:
         conn.close()
+
+
+def _open_live_view(site: Site) -> tuple[http.client.HTTPSConnection, http.client.HTTPResponse]:
+    """Log in without a browser and open ``/api/live/events``; the connection and response."""
+    status, answer, _ = _raw(
+        site,
+        "/login",
+        method="POST",
+        headers={"Origin": site.base, "Content-Type": "application/x-www-form-urlencoded"},
+        body=f"token={TOKEN}",
+    )
+    assert status == 303
+    cookie = answer["set-cookie"].split(";")[0]
+    port = int(site.base.rsplit(":", 1)[1])
+    conn = http.client.HTTPSConnection(
+        "127.0.0.1", port, context=tls.client_context(site.cert), timeout=30
+    )
+    conn.request("GET", "/api/live/events", headers={"Cookie": cookie})
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.readline() == b"retry: 1000\n"
+    return conn, response
 
 
 def test_login_page_refuses_wrong_tokens_slowly_then_sets_a_strict_cookie(

@@ -144,6 +144,7 @@ async def test_live_views_are_bounded(tmp_path: Path, caplog: pytest.LogCaptureF
         async with httpx.AsyncClient(base_url=base) as client:
             answer = await client.post("/login", data={"token": TOKEN}, headers={"Origin": base})
             assert answer.status_code == 303 and "receiver_session" in client.cookies
+            assert "secure" not in answer.headers["set-cookie"].lower()  # plain HTTP here
             async with (
                 client.stream("GET", "/api/live/events") as first,
                 client.stream("GET", "/api/live/events") as second,

@@ -16,6 +16,9 @@ A sink is created per stream (by a ``SinkFactory``) and sees the stream's whole 
    hold the event loop (the wav sink: the stereo mix, a large ``stream.json``) may define
    ``async aclose(summary)`` instead, which the server awaits in its place.
 
+A sink that only watches (``observer = True``, like the web page's levels) is not counted when
+the server checks whether any sink still records (``Fanout.alive``).
+
 Calls come from the event loop: keep each one short (a buffered file write, a queue put). A sink
 that raises is logged, counted and named in ``stream.json``; it never takes the server or the
 other sinks down (see ``receiver.sinks.Fanout``).
