@@ -32,6 +32,11 @@ from receiver.events import Track
 from receiver.session import AudioBatch, DtmfRecord, MarkRecord
 from receiver.sinks.base import SinkFactory, StreamInfo, StreamSummary
 
+__all__ = [
+    "LiveAudio",
+    "LiveStream",
+]
+
 if TYPE_CHECKING:
     from receiver.settings import Settings
 
@@ -137,6 +142,9 @@ class LiveAudio:
 
 class _LiveSink:
     """The sink side: copies batches into the stream's queues (sinks must not keep views)."""
+
+    location: str | None = None
+    writes_record = False
 
     def __init__(self, source: LiveAudio) -> None:
         self._source = source

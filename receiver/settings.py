@@ -1,8 +1,8 @@
 """Every setting of the receiver, read once at the edge (the CLI) and passed down as values.
 
 Sources, strongest first: CLI flags (passed as init arguments), ``RECEIVER_*`` environment
-variables, a ``.env`` file in the working directory, the defaults below. This is the only module
-that reads the environment.
+variables, a ``.env`` file in the working directory, the defaults below. The receiver's own
+``RECEIVER_*`` variables are read here only (``receiver streams`` reads ``SIGNALWIRE_*`` itself).
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
+from receiver.codecs import ByteOrder
 from receiver.exceptions import ConfigError
 
 ENV_PREFIX = "RECEIVER_"
 
-ByteOrder = Literal["little", "big"]
 SampleFormat = Literal["pcm16", "native"]
 FileFormat = Literal["wav", "flac"]
 EventLoop = Literal["auto", "asyncio", "uvloop"]
@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     max_custom_parameters: int = Field(default=99, ge=0, le=10_000)
     max_parameter_chars: int = Field(default=4096, ge=16, le=1_000_000)
     # The most silence one jump (of timestamp or chunk) may insert; a larger jump shifts the
-    # track's clock. At most 600: a 600 s gap of 48 kHz L16 is one frame's work for the loop.
+    # track's clock. At most 600, so that what one frame can make stays small.
     max_gap_s: float = Field(default=60.0, gt=0, le=600)
     # Per-stream bounds (issue 11). Defaults sit far above what a real conference sends, so that
     # they only ever stop an attack; past each one the excess is counted in stream.json's
@@ -72,7 +72,8 @@ class Settings(BaseSettings):
     # for 6 hours makes 36 minutes of it. Past it, jumps shift the track's clock instead.
     max_silence_s: float = Field(default=3600.0, gt=0, le=7 * 86_400)
     # Marks and DTMF digits kept a stream: a 6-hour call with a mark or a key press every 3 s is
-    # 7,200. At most ~3.5 MB of stream.json together (names of 256 characters, all escaped).
+    # 7,200. With names of 256 characters the final stream.json stays under ~35 MB even when
+    # every character needs a 12-byte escape; it is written off the event loop.
     max_marks: int = Field(default=10_000, ge=0, le=1_000_000)
     max_dtmf: int = Field(default=10_000, ge=0, le=1_000_000)
     # Longest mark name kept (cut beyond, counted) and longest unknown event name remembered.
@@ -97,12 +98,47 @@ class Settings(BaseSettings):
     redis_max_queued_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024, le=16 * 1024**3)
     # How long a stream's end waits (on the event loop) for its last entries to be in Redis.
     redis_flush_timeout_s: float = Field(default=2.0, ge=0, le=60)
+    # --- Delivery (receiver/delivery/, README "Uploads" and "Webhooks") -------------------
+    # Where finished streams are uploaded: s3://bucket/prefix, gs://..., az://..., file:///...
+    # Credentials and endpoints come from each store's own variables (AWS_*, GOOGLE_*, AZURE_*).
+    upload_url: str | None = None
+    # Delete the local copy once every file of a stream is verified in the store.
+    upload_delete_local: bool = False
+    # Multipart part size; an upload holds at most part size x concurrency in memory.
+    upload_part_bytes: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024, le=1024**3)
+    upload_concurrency: int = Field(default=2, ge=1, le=16)
+    # One request to the store (a part, a HEAD) fails after this long and is retried.
+    upload_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    # Signed POSTs (Standard Webhooks) of stream.started, stream.ended, recording.uploaded.
+    webhook_url: str | None = None
+    # whsec_<base64 key>; required with webhook_url; never logged.
+    webhook_secret: SecretStr | None = None
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    # Retries of uploads and webhooks: exponential from the first delay up to the cap, with
+    # jitter, for ever (nothing is dropped; the queue is on disk).
+    delivery_retry_first_s: float = Field(default=1.0, gt=0, le=3600)
+    delivery_retry_max_s: float = Field(default=300.0, gt=0, le=86_400)
+    # --- end of delivery settings ------------------------------------------------------------
     log_level: LogLevel = "INFO"
     log_format: Literal["text", "json"] = "text"
     # /metrics is served on the stream port without a token; give it a port of its own (bound
     # to metrics_host) to keep it off the public interface.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
+    # Connection shell (issue 11): what one connection may hold before and after its
+    # handshake. Handshakes (TLS + HTTP) in progress, overall and from one address; past
+    # either, a new TCP connection is closed at accept.
+    max_pending_handshakes: int = Field(default=1000, ge=1, le=1_000_000)
+    max_pending_handshakes_per_ip: int = Field(default=200, ge=1, le=1_000_000)
+    # Bytes we may hold for a client that does not read (its pongs); past it, it is aborted.
+    max_write_buffer_bytes: int = Field(default=1024 * 1024, ge=64 * 1024, le=1024**3)
+    # Once our close frame is sent, how long the client has to answer it before we cut.
+    close_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    # Keepalive: a ping every ping_interval_s, the stream ends (1011) without a pong in time.
+    ping_interval_s: float = Field(default=20.0, gt=0, le=3600)
+    ping_timeout_s: float = Field(default=20.0, gt=0, le=3600)
+    # /healthz answers 503 below this much free space in the recordings directory.
+    min_free_disk_mb: int = Field(default=256, ge=0, le=1024**3)
 
     # --- The web page (receiver.web): live streams and recordings, on an address of its own.
     ui_host: str = "127.0.0.1"
@@ -161,6 +197,36 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return value
 
+    @field_validator("upload_url", "webhook_url", "webhook_secret", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # docker compose passes ${VAR:-} as an empty string: that means "off", not a URL.
+        return None if value == "" else value
+
+    @field_validator("upload_url")
+    @classmethod
+    def _check_upload_url(cls, value: str | None) -> str | None:
+        schemes = ("s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "file")
+        if value is not None and urlsplit(value).scheme not in schemes:
+            raise ValueError("must be an s3://, gs://, az:// or file:/// URL")
+        return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _check_webhook_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            from receiver.delivery.signing import parse_secret
+
+            parse_secret(value.get_secret_value())
+        return value
+
     @field_validator("sinks", mode="before")
     @classmethod
     def _split_sinks(cls, value: Any) -> Any:
@@ -175,11 +241,16 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_tls_pair(self) -> Settings:
+        # Messages start with the variable: load_settings names it from there.
         if (self.tls_cert is None) != (self.tls_key is None):
-            missing = "TLS_KEY" if self.tls_key is None else "TLS_CERT"
-            raise ValueError(f"{ENV_PREFIX}{missing} must be set together with the other")
+            missing, given = (
+                ("TLS_KEY", "TLS_CERT") if self.tls_key is None else ("TLS_CERT", "TLS_KEY")
+            )
+            raise ValueError(f"{ENV_PREFIX}{missing} must be set together with {ENV_PREFIX}{given}")
         if not self.sinks:
-            raise ValueError(f"{ENV_PREFIX}SINKS names no sink")
+            raise ValueError(f"{ENV_PREFIX}SINKS must name at least one sink")
+        if self.webhook_url is not None and self.webhook_secret is None:
+            raise ValueError(f"{ENV_PREFIX}WEBHOOK_SECRET must be set with {ENV_PREFIX}WEBHOOK_URL")
         return self
 
     @property
@@ -191,18 +262,32 @@ class Settings(BaseSettings):
 def load_settings(**overrides: Any) -> Settings:
     """Build settings from the environment, ``.env`` and ``overrides`` (CLI flags).
 
-    Raises ``ConfigError`` naming the first invalid variable, for a one-line message.
+    Raises ``ConfigError`` naming the invalid variables, for a one-line message. No value is
+    ever echoed: a token, a Redis password, or a token pasted into the wrong variable would
+    end up in a terminal or a log (pydantic's own errors carry the input, and a model
+    validator's input is every setting).
     """
     cleaned = {k: v for k, v in overrides.items() if v is not None}
     try:
         return Settings(**cleaned)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        location = [str(part) for part in error["loc"] if not isinstance(part, int)]
-        variable = ENV_PREFIX + location[0].upper() if location else "settings"
-        value = error.get("input")
-        # Secrets are never echoed: tokens, and a Redis URL may hold a password.
-        secret = location and location[0] in ("tokens", "redis_url", "ui_tokens")
-        shown = "" if secret else f" (got {value!r})"
-        message = str(error["msg"]).removeprefix("Value error, ")
-        raise ConfigError(variable, f"{message}{shown}") from None
+        errors = exc.errors(include_input=False, include_url=False, include_context=False)
+        problems = [(_variable(error["loc"]), str(error["msg"])) for error in errors]
+    except SettingsError:
+        # pydantic-settings could not parse a variable (its message names the field, the
+        # value stays on the exception's cause, which is not shown).
+        raise ConfigError("settings", "a variable could not be parsed") from None
+    variable, message = problems[0]
+    message = message.removeprefix("Value error, ")
+    if variable == "settings" and message.startswith(ENV_PREFIX):  # a model validator's
+        variable, _, message = message.partition(" ")
+    others = sorted({v for v, _ in problems[1:]} - {variable})
+    if others:
+        message += f" (also invalid: {', '.join(others)})"
+    raise ConfigError(variable, message) from None
+
+
+def _variable(location: tuple[int | str, ...]) -> str:
+    """The variable a pydantic error location names; a model validator names its own."""
+    names = [str(part) for part in location if not isinstance(part, int)]
+    return ENV_PREFIX + names[0].upper() if names else "settings"

@@ -8,21 +8,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import redis
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
 
-from receiver.sinks.base import Sink, SinkFactory
-from receiver.sinks.redis_stream import RedisSink
+from receiver.settings import Settings
+from receiver.sinks.redis import RedisSinks
 from tests.conftest import free_port
 
 
 class RedisServer:
     """``redis-server`` on a free loopback port, in memory only, its files in ``directory``."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, persistent: bool = False) -> None:
+        """``persistent``: an append-only file synced on every write, so a restart keeps data."""
         executable = shutil.which("redis-server")
         if executable is None:
             pytest.fail(
@@ -32,20 +34,25 @@ class RedisServer:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.log = directory / "redis.log"
-        with self.log.open("w") as log:
-            self.proc = subprocess.Popen(
-                [
-                    executable,
-                    "--port", str(self.port),
-                    "--bind", "127.0.0.1",
-                    "--save", "",
-                    "--appendonly", "no",
-                    "--dir", str(directory),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
+        self.argv = [
+            executable,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "yes" if persistent else "no",
+            "--appendfsync", "always",
+            "--dir", str(directory),
+        ]  # fmt: skip
+        self._launch()
+
+    def _launch(self) -> None:
+        with self.log.open("a") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
         self._wait_ready()
+
+    def restart(self) -> None:
+        """Start the server again on the same port (after ``stop``)."""
+        self._launch()
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, socket_timeout=10)
@@ -81,18 +88,24 @@ class RedisServer:
                 self.proc.wait()
 
 
-def redis_factory(url: str, prefix: str, **settings: Any) -> SinkFactory:
-    """A ``redis`` sink factory going through ``RedisSink.from_settings``.
+class OverlaidRedisSinks(RedisSinks):
+    """The ``redis`` entry point with some settings of its own (unvalidated, as a user's
+    environment may hold them): each test its Redis and prefix, on the receiver's settings."""
 
-    The receiver's settings do not carry the redis fields yet, so they are given here the way
-    ``from_settings`` reads them (attributes of the settings object).
-    """
+    def __init__(self, **overrides: Any) -> None:
+        super().__init__()
+        self.overrides = overrides
 
-    def make(receiver_settings: Any) -> Sink:
-        overlay = SimpleNamespace(redis_url=url, redis_prefix=prefix, **settings)
-        return RedisSink.from_settings(overlay)  # type: ignore[arg-type]
+    async def start(self, settings: Settings, *, registry: CollectorRegistry) -> None:
+        await super().start(settings.model_copy(update=self.overrides), registry=registry)
 
-    return make
+    def __call__(self, settings: Settings) -> Any:
+        return super().__call__(settings.model_copy(update=self.overrides))
+
+
+def redis_factory(url: str, prefix: str, **settings: Any) -> OverlaidRedisSinks:
+    """A ``redis`` sink factory on ``url`` and ``prefix`` (and other ``redis_*`` settings)."""
+    return OverlaidRedisSinks(redis_url=SecretStr(url), redis_prefix=prefix, **settings)
 
 
 def consume_cmd(url: str, prefix: str, *args: str | Path) -> list[str]:

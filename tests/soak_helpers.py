@@ -104,7 +104,9 @@ signal.signal(signal.SIGUSR2, _collect)
 class ServerProcess:
     """`python -m receiver serve` on 127.0.0.1 and a free port, its log in a file."""
 
-    def __init__(self, cwd: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, cwd: Path, env: dict[str, str], *, preexec_fn: Callable[[], None] | None = None
+    ) -> None:
         with socket.socket() as s:
             s.bind((HOST, 0))
             self.port = int(s.getsockname()[1])
@@ -128,6 +130,7 @@ class ServerProcess:
                 env=base,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
+                preexec_fn=preexec_fn,  # only setrlimit (tests/chaos_support.py)
             )
 
     @property

@@ -23,13 +23,7 @@ from receiver.session import DtmfRecord, TrackStats
 from receiver.simulate import build_messages, play
 from receiver.sinks import WavSink
 from receiver.sinks.base import StreamEnd, StreamInfo, StreamSummary
-from receiver.sinks.redis_stream import (
-    PublisherConfig,
-    RedisSink,
-    RedisSinkError,
-    close_publishers,
-    publisher_for,
-)
+from receiver.sinks.redis.sink import RedisOptions, RedisPublisher, RedisSink, RedisSinkError
 from tests.conftest import (
     TOKEN,
     StartReceiver,
@@ -67,11 +61,24 @@ def prefix() -> str:
     return f"t{uuid.uuid4().hex[:8]}"
 
 
-@pytest.fixture(autouse=True)
-async def _publishers() -> AsyncIterator[None]:
-    """Each test gets new publishers (threads, pools), closed after it."""
-    yield
-    await asyncio.to_thread(close_publishers, timeout_s=5)
+@pytest.fixture
+async def publisher() -> AsyncIterator[Any]:
+    """``publisher(url, ...)`` makes a writer thread for a sink used alone; all shut down after."""
+    made: list[RedisPublisher] = []
+
+    def make(url: str, *, max_queued_bytes: int = 64 * 1024 * 1024) -> RedisPublisher:
+        made.append(RedisPublisher(url=url, max_queued_bytes=max_queued_bytes))
+        return made[-1]
+
+    yield make
+    for each in made:
+        await asyncio.to_thread(each.shutdown, timeout_s=5)
+
+
+def options(prefix: str, *, flush_timeout_s: float = 2.0) -> RedisOptions:
+    return RedisOptions(
+        prefix=prefix, maxlen=100_000, ttl_s=86_400, flush_timeout_s=flush_timeout_s
+    )
 
 
 def recording(receiver: Receiver, sid: str) -> Path:
@@ -104,8 +111,7 @@ async def stream_through(
     messages: list[str],
     factory: Any,
     *,
-    frame_interval_s: float = 0.0,
-    frames_per_interval: int = 2,
+    pace: float = 0.0,
 ) -> Receiver:
     """Play ``messages`` into a receiver with the wav and redis sinks; wait until it is idle."""
     receiver = await start_receiver(sink_factories=[("wav", WavSink.from_settings), factory])
@@ -114,8 +120,7 @@ async def stream_through(
         messages,
         token=TOKEN,
         ssl_context=client_ssl,
-        frame_interval_s=frame_interval_s,
-        frames_per_interval=frames_per_interval,
+        pace=pace,
     )
     assert result.close_code == 1000, result
     await wait_idle(receiver)
@@ -272,9 +277,7 @@ async def test_redis_never_started_leaves_wav_complete_and_names_the_error(
     encoded = sox_encode(speech["inbound"].wav[8000], "ul", tmp_path / "in.ul")[:12_000]
     messages = build_messages(codec=PCMU, tracks={"inbound": encoded}, stream_sid="no-redis")
     factory = ("redis", redis_factory(f"redis://127.0.0.1:{free_port()}/0", "t"))
-    receiver = await stream_through(
-        start_receiver, client_ssl, messages, factory, frame_interval_s=0.02, frames_per_interval=1
-    )
+    receiver = await stream_through(start_receiver, client_ssl, messages, factory, pace=1.0)
     directory = recording(receiver, "no-redis")
     samples, _ = read_wav(directory / "inbound.wav")
     np.testing.assert_array_equal(samples, sox_decode(tmp_path / "in.ul", "ul")[:12_000])
@@ -282,8 +285,8 @@ async def test_redis_never_started_leaves_wav_complete_and_names_the_error(
     assert record["status"] == "complete"
     assert len(record["sink_errors"]) == 1
     assert "sink 'redis' failed" in record["sink_errors"][0]
-    assert "Redis write failed" in record["sink_errors"][0]
-    assert receiver.counters["sink_errors_redis"] == 1
+    assert "Redis unreachable" in record["sink_errors"][0]
+    assert receiver.counters["sink_errors", "redis"] == 1
 
 
 async def test_a_bad_redis_url_costs_the_redis_sink_only(
@@ -323,9 +326,7 @@ async def test_redis_stopped_mid_stream_leaves_wav_complete_and_names_the_error(
         await asyncio.to_thread(own_redis.stop)
 
     stopper = asyncio.create_task(stop_redis())
-    receiver = await stream_through(
-        start_receiver, client_ssl, messages, factory, frame_interval_s=0.02
-    )
+    receiver = await stream_through(start_receiver, client_ssl, messages, factory, pace=1.0)
     await stopper
     directory = recording(receiver, "redis-gone")
     for track in ("inbound", "outbound"):
@@ -358,33 +359,37 @@ def _info(sid: str) -> StreamInfo:
     )
 
 
-async def test_slow_redis_drops_new_batches_counts_them_and_consumer_keeps_the_timeline(
-    own_redis: RedisServer, tmp_path: Path, prefix: str
+async def test_slow_redis_drops_old_batches_counts_them_and_consumer_keeps_the_timeline(
+    own_redis: RedisServer, tmp_path: Path, prefix: str, publisher: Any
 ) -> None:
-    """A frozen Redis: the queue stays bounded, dropped batches are counted in the stop entry and
-    raised from close, and the consumer puts zeros of their length in their place."""
+    """A frozen Redis: the queue stays bounded by dropping the oldest batches, counted in the stop
+    entry, raised from close and published as a gap; the consumer puts zeros in their place."""
     batch, batches = 1600, 40
     audio = (np.sin(np.arange(batch * batches) / 7) * 8000).astype(np.int16)
-    publisher = publisher_for(PublisherConfig(own_redis.url, max_queued_bytes=20_000))
-    sink = RedisSink(publisher, prefix=prefix, flush_timeout_s=0.3)
+    writer = publisher(own_redis.url, max_queued_bytes=20_000)
+    sink = RedisSink(writer, options(prefix, flush_timeout_s=0.3))
     own_redis.pause()
     try:
         sink.open(_info("slow"))
         for i in range(batches):
             sink.write("inbound", i * batch, audio[i * batch : (i + 1) * batch])
         sink.event(DtmfRecord("1", 10.0, None, None))
-        assert publisher.queued_bytes <= 20_000
-        assert 0 < sink.dropped_batches < batches
+        assert writer.queued_bytes <= 20_000
+        dropped = sink._state.dropped_batches if sink._state else 0
+        assert 0 < dropped < batches
         summary = StreamSummary(
             end=StreamEnd("stop"),
             ended_at=datetime.now(UTC),
             sample_rate_hz=8000,
             tracks={"inbound": TrackStats(samples=len(audio))},
         )
-        with pytest.raises(RedisSinkError, match="not confirmed"):
+        with pytest.raises(RedisSinkError, match="dropped"):
             sink.close(summary)
     finally:
         own_redis.resume()
+    assert sink._state is not None
+    # Counted after close: its stop entry made room by dropping one more batch, maybe.
+    dropped, dropped_samples = sink._state.dropped_batches, sink._state.dropped_samples
 
     out = tmp_path / "rebuilt"
     consumer = ConsumeProcess(
@@ -396,9 +401,12 @@ async def test_slow_redis_drops_new_batches_counts_them_and_consumer_keeps_the_t
     assert record["status"] == "incomplete"
     stop = record["stop"]["redis"]
     assert stop["complete"] is False
-    assert stop["dropped_batches"] == sink.dropped_batches
-    assert stop["dropped_samples"] == sink.dropped_batches * batch
-    assert record["tracks"]["inbound"]["missing_samples"] == sink.dropped_samples
+    assert stop["dropped_batches"] == dropped
+    assert stop["dropped_samples"] == dropped * batch == dropped_samples
+    assert record["tracks"]["inbound"]["missing_samples"] == dropped_samples
+    # The gap entries name exactly the spans that are missing.
+    spans = [s for gap in record["outages"] for s in gap["tracks"]["inbound"]]
+    assert sum(s["samples"] for s in spans) == dropped_samples
     got, _ = read_wav(rebuilt / "inbound.wav")
     assert len(got) == len(audio)
     with own_redis.client() as client:
@@ -407,18 +415,20 @@ async def test_slow_redis_drops_new_batches_counts_them_and_consumer_keeps_the_t
     for _, fields in delivered:
         start = int(fields[b"position"])
         kept[start : start + len(fields[b"samples"]) // 2] = True
-    assert kept.sum() == len(audio) - sink.dropped_samples
+    assert kept.sum() == len(audio) - dropped_samples
+    for span in spans:
+        assert not kept[span["start"] : span["start"] + span["samples"]].any()
     np.testing.assert_array_equal(got[kept], audio[kept])
     assert not got[~kept].any()
 
 
 async def test_stream_of_a_dead_worker_is_claimed_and_rebuilt_by_another(
-    redis_server: RedisServer, tmp_path: Path, prefix: str
+    redis_server: RedisServer, tmp_path: Path, prefix: str, publisher: Any
 ) -> None:
     """While a worker lives its stream stays its own; once it dies another worker of the group
     claims the stream and rebuilds it from its first entry."""
     audio = (np.sin(np.arange(16_000) / 5) * 9000).astype(np.int16)
-    sink = RedisSink(publisher_for(PublisherConfig(redis_server.url)), prefix=prefix)
+    sink = RedisSink(publisher(redis_server.url), options(prefix))
     sink.open(_info("claimed"))
     sink.write("inbound", 0, audio[:8000])
     out = tmp_path / "rebuilt"
@@ -451,3 +461,80 @@ async def test_stream_of_a_dead_worker_is_claimed_and_rebuilt_by_another(
     assert record_of(rebuilt)["status"] == "complete"
     with redis_server.client() as client:
         assert client.xpending(f"{prefix}:control", "receiver-consume")["pending"] == 0
+
+
+@pytest.fixture
+def persistent_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test with an append-only file: a restart keeps what it had."""
+    server = RedisServer(tmp_path / "redis-aof", persistent=True)
+    yield server
+    server.stop()
+
+
+async def test_redis_restarted_mid_stream_rebuild_holds_all_outside_the_outage_and_marks_it(
+    start_receiver: StartReceiver,
+    client_ssl: ssl.SSLContext,
+    speech: Any,
+    tmp_path: Path,
+    persistent_redis: RedisServer,
+    prefix: str,
+) -> None:
+    """Redis down for a while in the middle of a live stream, with a queue too small to hold the
+    outage: the wav files are sample-exact, the receiver carries on once Redis is back, and the
+    consumer's rebuild equals the wav file everywhere but the spans the gap entries name."""
+    encoded = {t: sox_encode(speech[t].wav[8000], "ul", tmp_path / f"{t}.ul") for t in speech}
+    messages = build_messages(codec=PCMU, tracks=encoded, stream_sid="restarted")
+    out = tmp_path / "rebuilt"
+    consumer = ConsumeProcess(
+        tmp_path, consume_cmd(persistent_redis.url, prefix, "-o", out, "--count", "1")
+    )
+    await said(consumer, "working as")
+    # 20 kB of queue: well under the outage's audio, so the oldest batches are dropped.
+    factory = ("redis", redis_factory(persistent_redis.url, prefix, redis_max_queued_bytes=20_000))
+    receiver = await start_receiver(sink_factories=[("wav", WavSink.from_settings), factory])
+    loop = asyncio.get_running_loop()
+    down, up = asyncio.Event(), asyncio.Event()
+
+    def progress(sent: int, total: int) -> None:
+        if sent == total // 4:
+            loop.call_soon(down.set)
+        if sent == total * 3 // 4:
+            loop.call_soon(up.set)
+
+    async def outage() -> None:
+        await down.wait()
+        await asyncio.to_thread(persistent_redis.stop)
+        await up.wait()
+        await asyncio.to_thread(persistent_redis.restart)
+
+    restarting = asyncio.create_task(outage())
+    result = await play(
+        url(receiver),
+        messages,
+        token=TOKEN,
+        ssl_context=client_ssl,
+        pace=1.0,
+        progress=progress,
+    )
+    assert result.close_code == 1000, result
+    await restarting
+    await wait_idle(receiver)
+    await asyncio.to_thread(consumer.finish, timeout_s=90)
+
+    recorded, rebuilt = recording(receiver, "restarted"), only_dir(out)
+    record = record_of(rebuilt)
+    assert record["status"] == "incomplete" and "dropped" in record["reason"], record["reason"]
+    assert record["outages"], record
+    for track in ("inbound", "outbound"):
+        want, _ = read_wav(recorded / f"{track}.wav")
+        np.testing.assert_array_equal(want, sox_decode(tmp_path / f"{track}.ul", "ul"))
+        got, _ = read_wav(rebuilt / f"{track}.wav")
+        assert len(got) == len(want)
+        lost = np.zeros(len(want), dtype=bool)
+        for gap in record["outages"]:
+            for span in gap["tracks"].get(track, []):
+                lost[span["start"] : span["start"] + span["samples"]] = True
+        np.testing.assert_array_equal(got[~lost], want[~lost])
+        assert not got[lost].any()
+    assert any(gap["tracks"] for gap in record["outages"])
+    assert record["stop"]["redis"]["dropped_batches"] > 0

@@ -1,7 +1,8 @@
 """Sinks: where streams go. ``Fanout`` runs several per stream, each isolated from the others.
 
 Sinks are found by name: the built-in ones below, then the ``receiver.sinks`` entry-point group,
-whose objects are ``SinkFactory`` callables (``Settings -> Sink``).
+whose objects are ``SinkFactory`` callables (``Settings -> Sink``), or classes whose instances
+are (made once per call of ``load_sink_factories``: one per ``Receiver``, never a module global).
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from importlib.metadata import entry_points
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -18,12 +21,17 @@ from numpy.typing import NDArray
 from receiver.events import Track
 from receiver.exceptions import ConfigError, SinkError
 from receiver.session import DtmfRecord, MarkRecord
-from receiver.sinks.base import Sink, SinkFactory, StreamInfo, StreamSummary
+from receiver.sinks.base import AsyncSink, Lifecycle, Sink, SinkFactory, StreamInfo, StreamSummary
 from receiver.sinks.memory import MemorySink
 from receiver.sinks.wav import WavSink
 
+if TYPE_CHECKING:
+    from receiver.settings import Settings
+
 __all__ = [
+    "AsyncSink",
     "Fanout",
+    "Lifecycle",
     "MemorySink",
     "Sink",
     "SinkFactory",
@@ -31,6 +39,7 @@ __all__ = [
     "StreamSummary",
     "WavSink",
     "load_sink_factories",
+    "sink_factories_for",
 ]
 
 ENTRY_POINT_GROUP = "receiver.sinks"
@@ -45,10 +54,22 @@ def load_sink_factories(names: Sequence[str]) -> list[tuple[str, SinkFactory]]:
         if name in _BUILT_IN:
             factories.append((name, _BUILT_IN[name]))
         elif name in found:
-            factories.append((name, found[name].load()))
+            loaded = found[name].load()
+            # A class stands for its instance: per-process state lives in that object.
+            factories.append((name, loaded() if isinstance(loaded, type) else loaded))
         else:
             known = ", ".join(sorted(set(_BUILT_IN) | set(found)))
             raise ConfigError("RECEIVER_SINKS", f"unknown sink {name!r} (known: {known})")
+    return factories
+
+
+def sink_factories_for(settings: Settings) -> list[tuple[str, SinkFactory]]:
+    """``RECEIVER_SINKS``' factories, plus delivery (uploads, webhooks) when it is configured."""
+    factories = load_sink_factories(settings.sinks)
+    if settings.upload_url is not None or settings.webhook_url is not None:
+        from receiver.delivery import Delivery
+
+        factories.append(("delivery", Delivery()))
     return factories
 
 
@@ -114,22 +135,29 @@ class Fanout:
         for name, sink in list(self._live):
             self._call(name, sink, "event", sink.event, record)
 
+    @property
+    def directory(self) -> Path | None:
+        """Where the record sink (``writes_record``) put the stream's files, if it did."""
+        for _, sink in self._sinks:
+            found = getattr(sink, "directory", None) if getattr(sink, "writes_record", 0) else None
+            if found is not None:
+                return Path(found)
+        return None
+
     def close(self, summary_for: Callable[[tuple[str, ...]], StreamSummary]) -> None:
         """Close every sink, failed ones too; ``summary_for(errors)`` builds the summary.
 
-        Sinks that keep the stream's record (``writes_record = True``, like ``wav`` and its
-        ``stream.json``) close last, with a summary that includes what the others raised
-        while closing.
+        In three groups (see ``receiver.sinks.base``): the others, then the sinks that keep the
+        stream's record (``writes_record``: ``wav`` and its ``stream.json``), with a summary
+        that includes what the others raised while closing, then those that deliver it.
         """
-        ordered = sorted(self._sinks, key=lambda pair: getattr(pair[1], "writes_record", False))
-        for name, sink in ordered:
-            self._call(name, sink, "close", sink.close, summary_for(tuple(self.errors)))
+        for name, sink in self._ordered():
+            self._call(name, sink, "close", sink.close, self._summary(summary_for))
 
     async def aclose(self, summary_for: Callable[[tuple[str, ...]], StreamSummary]) -> None:
         """``close``, awaiting the sinks that finish off the event loop (an ``aclose``)."""
-        ordered = sorted(self._sinks, key=lambda pair: getattr(pair[1], "writes_record", False))
-        for name, sink in ordered:
-            summary = summary_for(tuple(self.errors))
+        for name, sink in self._ordered():
+            summary = self._summary(summary_for)
             aclose = getattr(sink, "aclose", None)
             if aclose is None:
                 self._call(name, sink, "close", sink.close, summary)
@@ -138,6 +166,19 @@ class Fanout:
                 await aclose(summary)
             except Exception as exc:  # noqa: BLE001 - isolate the sink, keep the stream
                 self._fail(name, sink, "close", exc)
+
+    def _ordered(self) -> list[tuple[str, Sink]]:
+        def group(pair: tuple[str, Sink]) -> int:
+            sink = pair[1]
+            # getattr: sinks of entry points written before the attributes were in the protocol.
+            if getattr(sink, "delivers_record", False):
+                return 2
+            return 1 if getattr(sink, "writes_record", False) else 0
+
+        return sorted(self._sinks, key=group)
+
+    def _summary(self, summary_for: Callable[[tuple[str, ...]], StreamSummary]) -> StreamSummary:
+        return replace(summary_for(tuple(self.errors)), directory=self.directory)
 
     def _call(
         self, name: str, sink: Sink, step: str, method: Callable[[Any], None], arg: Any

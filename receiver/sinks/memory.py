@@ -17,6 +17,9 @@ class MemorySink:
     and raises ``AssertionError`` when the caller breaks it.
     """
 
+    location: str | None = None
+    writes_record = False
+
     def __init__(self) -> None:
         self.info: StreamInfo | None = None
         self.summary: StreamSummary | None = None

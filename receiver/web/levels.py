@@ -102,6 +102,8 @@ class LevelsSink:
     """
 
     observer = True
+    location: str | None = None
+    writes_record = False
 
     def __init__(self, levels: LiveLevels) -> None:
         self._levels = levels

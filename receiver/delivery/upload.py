@@ -1,0 +1,201 @@
+"""Uploads of finished streams to an object store (obstore: S3, GCS, Azure, local files).
+
+Key template: ``<url prefix>/<YYYY>/<MM>/<DD>/<directory>/<file>``, the date being the stream's
+start in UTC. Each track file, then the stereo file if any, then ``stream.json`` last: its
+presence in the store means the set is complete, and it records where every file went (the local
+``stream.json`` is updated first, atomically, then uploaded). A file counts as stored only when
+the store reports its size, and its MD5 where the ETag is one (S3's single-part ETag, or the
+multipart form checked part by part).
+
+Files are streamed from disk by obstore (multipart past ``part_bytes``, at most ``part_bytes``
+x ``concurrency`` in memory); MD5s are computed in a thread, a MiB at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import obstore
+from obstore.store import ObjectStore, from_url
+
+from receiver.sinks.wav import RECORD_NAME, write_json_atomic
+
+_MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})(?:-(\d+))?"?$')
+_READ_BYTES = 1024 * 1024
+_TRACK_ORDER = ("inbound", "outbound", "stereo")
+
+
+class UploadError(Exception):
+    """An upload that did not complete; ``reason`` is a short label for metrics."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def make_store(url: str, *, timeout_s: float) -> ObjectStore:
+    """The store of ``RECEIVER_UPLOAD_URL``; credentials come from the store's own variables.
+
+    Plain-HTTP endpoints (MinIO, moto on a laptop: ``AWS_ENDPOINT_URL=http://...``) are allowed
+    when the endpoint says so. obstore retries once inside; our queue does the long retries.
+    """
+    scheme = urlsplit(url).scheme
+    if scheme == "file":
+        return from_url(url, mkdir=True)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT") or ""
+    client_options: Any = {
+        "timeout": timedelta(seconds=timeout_s),
+        "connect_timeout": timedelta(seconds=min(timeout_s, 10.0)),
+        "allow_http": endpoint.startswith("http://"),
+    }
+    retry: Any = {
+        "max_retries": 1,
+        "retry_timeout": timedelta(seconds=timeout_s),
+        "backoff": {
+            "init_backoff": timedelta(milliseconds=100),
+            "max_backoff": timedelta(seconds=1),
+            "base": 2,
+        },
+    }
+    return from_url(url, client_options=client_options, retry_config=retry)
+
+
+@dataclass(frozen=True, slots=True)
+class Uploaded:
+    """One stream's upload: where each file went and how many bytes."""
+
+    objects: dict[str, str]
+    bytes: int
+
+
+def stream_prefix(record: dict[str, Any], directory: Path) -> str:
+    """``YYYY/MM/DD/<directory>``, the date from the stream's start (UTC)."""
+    started = record.get("started_at")
+    try:
+        when = datetime.fromisoformat(str(started)).astimezone(UTC)
+    except ValueError:
+        when = datetime.fromtimestamp(directory.stat().st_mtime, UTC)
+    return f"{when:%Y/%m/%d}/{directory.name}"
+
+
+def files_in_order(record: dict[str, Any], directory: Path) -> list[Path]:
+    """The stream's audio files, tracks first then stereo; ``stream.json`` is not among them."""
+    named = record.get("files") or {}
+    ordered = sorted(named.items(), key=lambda kv: (*_TRACK_ORDER, kv[0]).index(kv[0]))
+    found = [directory / str(name) for _, name in ordered]
+    return [path for path in found if path.is_file() and path.parent == directory]
+
+
+def md5_parts(path: Path, *, part_bytes: int) -> tuple[str, str, int]:
+    """The file's MD5, its S3 multipart ETag for ``part_bytes`` parts, and its size."""
+    whole, parts, size = hashlib.md5(usedforsecurity=False), [], 0
+    part, in_part = hashlib.md5(usedforsecurity=False), 0
+    with path.open("rb") as f:
+        while chunk := f.read(_READ_BYTES):
+            whole.update(chunk)
+            size += len(chunk)
+            while chunk:
+                take = chunk[: part_bytes - in_part]
+                part.update(take)
+                in_part += len(take)
+                chunk = chunk[len(take) :]
+                if in_part == part_bytes:
+                    parts.append(part.digest())
+                    part, in_part = hashlib.md5(usedforsecurity=False), 0
+    if in_part:
+        parts.append(part.digest())
+    multipart = hashlib.md5(b"".join(parts), usedforsecurity=False).hexdigest()
+    return whole.hexdigest(), f"{multipart}-{len(parts)}", size
+
+
+class Uploader:
+    """Uploads one stream directory at a time to ``store`` (see the module docstring)."""
+
+    def __init__(
+        self, store: ObjectStore, *, base_url: str, part_bytes: int, concurrency: int
+    ) -> None:
+        self.store = store
+        self.base_url = base_url.rstrip("/")
+        self.part_bytes = part_bytes
+        self.concurrency = concurrency
+
+    async def upload_stream(self, directory: Path) -> Uploaded:
+        """Upload every file of ``directory``, ``stream.json`` last; ``UploadError`` if not."""
+        record_path = directory / RECORD_NAME
+        try:
+            record = json.loads(await asyncio.to_thread(record_path.read_text, encoding="utf-8"))
+        except FileNotFoundError:
+            raise UploadError("missing", f"{directory.name}: no {RECORD_NAME}") from None
+        except ValueError:
+            raise UploadError("unreadable", f"{directory.name}: {RECORD_NAME} unreadable") from None
+        prefix = stream_prefix(record, directory)
+        objects: dict[str, str] = {}
+        total = 0
+        for path in files_in_order(record, directory):
+            total += await self._put_verified(path, f"{prefix}/{path.name}")
+            objects[path.name] = f"{self.base_url}/{prefix}/{path.name}"
+        objects[RECORD_NAME] = f"{self.base_url}/{prefix}/{RECORD_NAME}"
+        record["upload"] = {
+            "status": "uploaded",
+            "url": f"{self.base_url}/{prefix}/",
+            "objects": objects,
+            "uploaded_at": datetime.now(UTC).isoformat(),
+        }
+        await asyncio.to_thread(write_json_atomic, record_path, record)
+        total += await self._put_verified(record_path, f"{prefix}/{RECORD_NAME}")
+        return Uploaded(objects, total)
+
+    async def _put_verified(self, path: Path, key: str) -> int:
+        md5, multipart, size = await asyncio.to_thread(md5_parts, path, part_bytes=self.part_bytes)
+        try:
+            await obstore.put_async(
+                self.store,
+                key,
+                path,
+                chunk_size=self.part_bytes,
+                max_concurrency=self.concurrency,
+            )
+            meta = await obstore.head_async(self.store, key)
+        except Exception as exc:  # noqa: BLE001 - obstore raises its own tree and OSError
+            raise UploadError(
+                _reason(exc), f"{key}: {type(exc).__name__}: {_first_line(exc)}"
+            ) from None
+        if meta["size"] != size:
+            raise UploadError("size_mismatch", f"{key}: stored {meta['size']} bytes, local {size}")
+        match = _MD5_ETAG.match(meta.get("e_tag") or "")
+        if match is not None:
+            expected = md5 if match.group(2) is None else multipart
+            got = match.group(1) if match.group(2) is None else f"{match.group(1)}-{match.group(2)}"
+            if got != expected:
+                raise UploadError(
+                    "checksum_mismatch", f"{key}: stored ETag {got}, local {expected}"
+                )
+        return size
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]
+
+
+def _reason(exc: BaseException) -> str:
+    """A short label for the failures metric."""
+    name = type(exc).__name__
+    text = str(exc).lower()
+    if "connect" in text or "connection" in text:
+        return "unreachable"
+    if "timed out" in text or "timeout" in text:
+        return "timeout"
+    if name in ("PermissionDeniedError", "UnauthenticatedError"):
+        return "denied"
+    if name == "NotFoundError":
+        return "not_found"
+    return "error"
