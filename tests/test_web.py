@@ -33,6 +33,7 @@ from tests.conftest import (
     env_with,
     free_port,
     receiver_cmd,
+    run_receiver,
 )
 
 CHROMIUM = "/usr/bin/chromium"
@@ -121,6 +122,14 @@ def site(
             codec=codec, tracks=tracks, stream_sid=sid, custom_parameters=params
         )
         _play(f"{stream_url}/support", tls_files.cert, messages)
+    # One stream uploaded by delivery's backfill command, to a file:// object store.
+    upload = run_receiver(
+        "upload",
+        str(root / "recordings" / "MZ-other-0002"),
+        cwd=root,
+        env=env_with(RECEIVER_UPLOAD_URL=f"file://{root / 'store'}"),
+    )
+    assert upload.returncode == 0, upload.stdout + upload.stderr
     # A live stream of about 9 s: the two sentences, one after the other, on each track.
     live_wav = root / "live.wav"
     live_out = root / "live-out.wav"
@@ -448,6 +457,29 @@ def test_search_and_pages(logged_in: tuple[BrowserContext, list[str]], site: Sit
     page.click("#search button")
     page.wait_for_function("document.querySelectorAll('#finished tbody tr').length === 1")
     assert page.locator("#finished tbody tr").get_attribute("data-directory") == "MZ-other-0002"
+    page.close()
+
+
+def test_an_uploaded_stream_links_to_its_objects(
+    logged_in: tuple[BrowserContext, list[str]], site: Site
+) -> None:
+    """A stream that delivery uploaded says where each of its files went, and the list marks
+    it uploaded."""
+    context, _ = logged_in
+    page = context.new_page()
+    page.goto(f"{site.base}/")
+    row = page.locator('#finished tr[data-directory="MZ-other-0002"]')
+    assert row.locator(".end.uploaded").inner_text() == "uploaded"
+    assert page.locator(f'#finished tr[data-directory="{GAP_SID}"] .end.uploaded').count() == 0
+    row.locator("a").click()
+    page.wait_for_selector("body[data-ready=true]")
+    upload = site.record("MZ-other-0002")["upload"]
+    shown = {
+        item.get_attribute("data-name"): item.locator("code").inner_text()
+        for item in page.locator("#stored li").all()
+    }
+    assert shown == upload["objects"] and "stereo.wav" in shown
+    assert upload["url"] in page.locator("#facts").inner_text()
     page.close()
 
 
