@@ -190,8 +190,9 @@ async def test_receiver_upload_backfills_old_recordings(
 async def test_kill_9_with_uploads_and_webhooks_pending_both_complete_after_restart(
     client_ssl: ssl.SSLContext, speech: Any, tmp_path: Path, moto: MotoServer, served: Any
 ) -> None:
-    """A receiver killed while the store and the webhook receiver are down: the next one
-    uploads every object once and delivers every event once (each id once)."""
+    """A receiver killed while the store and the webhook receiver are down, with one stream
+    finished and one live: the next one repairs the live one, uploads every object of both
+    once and delivers every event once (each id once)."""
     moto.stop()
     hooks_port = free_port()
     env = {
@@ -214,15 +215,31 @@ async def test_kill_9_with_uploads_and_webhooks_pending_both_complete_after_rest
     assert result.close_code == 1000
     queue = tmp_path / "recordings" / ".delivery"
     assert list((queue / "uploads").glob("*.json"))
+    live = build_messages(codec=PCMU, tracks=encoded, stream_sid="live")
+    playing = asyncio.create_task(
+        play(
+            f"ws://127.0.0.1:{first.port}/media",
+            live,
+            token=TOKEN,
+            frame_interval_s=0.02,
+            frames_per_interval=2,
+        )
+    )
+    inbound = tmp_path / "recordings" / "live" / "inbound.wav"
+    while not inbound.exists() or inbound.stat().st_size < 8000:  # a second of audio on disk
+        assert not playing.done()
+        await asyncio.sleep(0.05)
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait()
+    cut = await playing
+    assert cut.close_code != 1000
 
     hooks = WebhookServer(port=hooks_port)
     await asyncio.to_thread(moto.start)
     try:
         second = served(**env)
         second.wait_listening()
-        await hooks.wait_for(3)
+        await hooks.wait_for(6)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 60
         while list((queue / "uploads").glob("*.json")) or list((queue / "webhooks").glob("*.json")):
@@ -232,11 +249,23 @@ async def test_kill_9_with_uploads_and_webhooks_pending_both_complete_after_rest
         assert second.stop() == 0
     finally:
         hooks.stop()
-    assert_uploaded(moto, tmp_path / "recordings" / "killed")
+    stored = {**assert_uploaded(moto, tmp_path / "recordings" / "killed")}
+    repaired = assert_uploaded(moto, tmp_path / "recordings" / "live")
+    assert json.loads(repaired["stream.json"])["status"] == "interrupted"
+    assert len(moto.objects()) == len(stored) + len(repaired)  # each object once
     ids = [h["webhook-id"] for h, _ in hooks.accepted()]
-    types = [json.loads(b)["type"] for _, b in hooks.accepted()]
-    assert sorted(types) == ["recording.uploaded", "stream.ended", "stream.started"]
-    assert len(set(ids)) == len(ids) == 3
+    events = [json.loads(b) for _, b in hooks.accepted()]
+    kinds = sorted((e["data"]["stream_sid"], e["type"]) for e in events)
+    assert kinds == [
+        (sid, kind)
+        for sid in ("killed", "live")
+        for kind in ("recording.uploaded", "stream.ended", "stream.started")
+    ]
+    assert len(set(ids)) == len(ids) == 6
+    ended = next(
+        e for e in events if e["type"] == "stream.ended" and e["data"]["stream_sid"] == "live"
+    )
+    assert ended["data"]["end"]["kind"] == "interrupted"
 
 
 def rss_bytes(pid: int) -> int:
