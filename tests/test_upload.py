@@ -357,3 +357,18 @@ def moto_keys(moto: MotoServer) -> list[str]:
     s3 = moto.client()
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def test_receiver_upload_without_a_store_or_with_an_unusable_one_is_one_line_and_exit_2(
+    tmp_path: Path,
+) -> None:
+    """No RECEIVER_UPLOAD_URL, or one obstore cannot configure: one line naming it, exit 2."""
+    unset = run_receiver("upload", str(tmp_path), cwd=tmp_path)
+    assert unset.returncode == 2 and "RECEIVER_UPLOAD_URL" in unset.stderr, unset.stderr
+    assert len(unset.stderr.strip().splitlines()) == 1
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RECEIVER_", "AZURE_"))}
+    bad = run_receiver(
+        "upload", str(tmp_path), cwd=tmp_path, env={**env, "RECEIVER_UPLOAD_URL": "az://box"}
+    )
+    assert bad.returncode == 2 and "RECEIVER_UPLOAD_URL" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr

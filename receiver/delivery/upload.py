@@ -22,13 +22,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import obstore
 from obstore.store import ObjectStore, from_url
 
+from receiver.exceptions import ConfigError
 from receiver.sinks.wav import RECORD_NAME, write_json_atomic
+
+if TYPE_CHECKING:
+    from receiver.settings import Settings
 
 _MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})(?:-(\d+))?"?$')
 _READ_BYTES = 1024 * 1024
@@ -68,6 +72,17 @@ def make_store(url: str, *, timeout_s: float) -> ObjectStore:
         },
     }
     return from_url(url, client_options=client_options, retry_config=retry)
+
+
+def store_for(settings: Settings) -> ObjectStore:
+    """``make_store`` for the settings; a store obstore cannot configure is a ``ConfigError``."""
+    assert settings.upload_url is not None
+    try:
+        return make_store(settings.upload_url, timeout_s=settings.upload_timeout_s)
+    except Exception as exc:  # noqa: BLE001 - obstore's configuration errors, by any name
+        raise ConfigError(
+            "RECEIVER_UPLOAD_URL", f"cannot use the store: {_first_line(exc)}"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)
