@@ -1,6 +1,9 @@
 # receiver: a wss endpoint that records SignalWire media streams.
 #   docker build -t receiver .
+#   mkdir -p recordings && sudo chown 10001 recordings     # the server runs as uid 10001
 #   docker run -p 8443:8443 -e RECEIVER_TOKENS=... -v "$PWD/recordings:/recordings" receiver
+# (or run it as yourself: --user "$(id -u)" with a host directory of yours at /state as well).
+# The health check probes RECEIVER_HOST/RECEIVER_PORT (loopback when bound to 0.0.0.0).
 # Without RECEIVER_TLS_CERT/RECEIVER_TLS_KEY it serves a self-signed development certificate
 # (kept in the /state volume); mount real PEM files for production, or put a TLS proxy in
 # front and set RECEIVER_INSECURE_WS=true.

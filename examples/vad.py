@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from receiver.live import LiveAudio, LiveStream
-from receiver.session import AudioBatch
+from receiver import AudioBatch, LiveAudio, LiveStream
 
 
 @dataclass
@@ -86,27 +85,29 @@ async def report(stream: LiveStream) -> None:
 
     async def one(track: str) -> None:
         async for start, end in speech_segments(stream, track):
-            print(f"[{stream.info.start.stream_sid}] {track} speech {start:.2f} s - {end:.2f} s")
+            sid = stream.info.start.stream_sid
+            print(f"[{sid}] {track} speech {start:.2f} s - {end:.2f} s", flush=True)
 
     await asyncio.gather(*(one(t) for t in stream.info.start.tracks or ["inbound"]))
 
 
 async def main() -> None:
     """Serve with the wav sink and the live VAD side by side."""
-    from receiver.cli import _server_tls
+    from receiver import Receiver, load_settings
+    from receiver.cli import _server_tls, check_recordings_dir
     from receiver.logs import setup_logging
-    from receiver.server import Receiver
-    from receiver.settings import load_settings
     from receiver.sinks import load_sink_factories
 
     settings = load_settings()
     if not settings.tokens:
         raise SystemExit("set RECEIVER_TOKENS: the bearer token(s) the platform will send")
     setup_logging(level=settings.log_level, log_format=settings.log_format)
+    check_recordings_dir(settings.recordings_dir)  # creates it, as `receiver serve` does
     live = LiveAudio()
     factories = [*load_sink_factories(settings.sinks), live.sink()]
     receiver = Receiver(settings, ssl_context=_server_tls(settings), sink_factories=factories)
     await receiver.start()
+    print(f"VAD listening on port {receiver.port}", flush=True)
     tasks = set()
     async for stream in live.streams():
         task = asyncio.create_task(report(stream))

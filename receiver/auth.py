@@ -11,10 +11,15 @@ import hmac
 import logging
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import MultipleValuesError
 from websockets.http11 import Request, Response
+
+if TYPE_CHECKING:
+    from receiver.gate import ConnectionGate
 
 HEALTH_PATH = "/healthz"
 METRICS_PATH = "/metrics"
@@ -80,6 +85,8 @@ def make_gate(
     *,
     check_token: TokenChecker,
     is_draining: Callable[[], bool],
+    health: Callable[[], str | None],
+    connection_gate: ConnectionGate,
     at_capacity: Callable[[], bool],
     ip_at_capacity: Callable[[str], bool],
     on_reject: Callable[[str], None],
@@ -87,7 +94,8 @@ def make_gate(
 ) -> Callable[[ServerConnection, Request], Response | None]:
     """Build the ``process_request`` hook.
 
-    ``GET /healthz`` answers 200 (503 while draining) without a token, and so does
+    ``GET /healthz`` answers 200 without a token (503 while draining, or with ``health``'s
+    reason when the recordings cannot be written), and so does
     ``GET /metrics`` when ``metrics`` renders them on this port; every other request
     needs a valid bearer token (401), the server must not be draining or full (503), and the
     client's address must be under its connection limit (429). ``on_reject`` is told the reason
@@ -99,13 +107,23 @@ def make_gate(
         if path == HEALTH_PATH:
             if is_draining():
                 return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+            problem = health()
+            if problem is not None:
+                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"{problem}\n")
             return connection.respond(HTTPStatus.OK, "ok\n")
         if path == METRICS_PATH and metrics is not None:
             response = connection.respond(HTTPStatus.OK, metrics())
             del response.headers["Content-Type"]
             response.headers["Content-Type"] = METRICS_CONTENT_TYPE
             return response
-        token = bearer_token(request.headers.get("Authorization"))
+        try:
+            header = request.headers.get("Authorization")
+        except MultipleValuesError:
+            connection_gate.bad_request(
+                peer_ip(connection), reason="duplicate_header", detail="two Authorization headers"
+            )
+            return connection.respond(HTTPStatus.BAD_REQUEST, "one Authorization header, please\n")
+        token = bearer_token(header)
         if token is None or not check_token(token):
             problem = "no bearer token" if token is None else "wrong bearer token"
             logger.warning("rejected handshake from %s: %s", peer_ip(connection), problem)
@@ -127,6 +145,21 @@ def make_gate(
         return None
 
     return gate
+
+
+def count_refusals(
+    connection_gate: ConnectionGate,
+) -> Callable[[ServerConnection, Request, Response], None]:
+    """The ``process_response`` hook: counts and logs the 4xx websockets answers by itself
+    (400 a malformed WebSocket handshake, 426 a plain HTTP request for a stream)."""
+
+    def check(connection: ServerConnection, request: Request, response: Response) -> None:
+        exc = connection.protocol.handshake_exc  # set for websockets' answers, not the gate's
+        if exc is not None and response.status_code in (400, 426):
+            reason = "invalid_handshake" if response.status_code == 400 else "not_websocket"
+            connection_gate.bad_request(peer_ip(connection), reason=reason, detail=str(exc))
+
+    return check
 
 
 def peer_ip(connection: ServerConnection) -> str:

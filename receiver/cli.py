@@ -1,7 +1,9 @@
-"""The composition root: ``receiver serve | simulate | streams``.
+"""The ``receiver`` command: ``serve``, ``repair``, ``health``, ``simulate``, ``streams``,
+``consume``.
 
 Reads settings once (flags over ``RECEIVER_*`` over ``.env``), sets up logging and TLS, picks
-the sinks and runs. Exit codes: 0 done, 1 failed at run time, 2 bad configuration or usage.
+the sinks and runs. Every failure a user can cause is one line on stderr, never a traceback.
+Exit codes: 0 done, 1 failed at run time, 2 bad configuration or usage.
 """
 
 from __future__ import annotations
@@ -17,18 +19,31 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import soundfile
 from pydantic import SecretStr
 
 from receiver import __version__
 from receiver.codecs import CLI_CODECS, codec_for
 from receiver.events import Track
-from receiver.exceptions import ConfigError
+from receiver.exceptions import ConfigError, ListenError, ReceiverError
 from receiver.logs import setup_logging
 from receiver.settings import Settings, load_settings
+from receiver.text import parse_pairs
+
+__all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("receiver")
+
+DESCRIPTION = """\
+Record SignalWire (Twilio-compatible) media streams: a wss:// endpoint that checks a bearer
+token and writes each track of a stream to its own WAV file, with stream.json beside them.
+Settings are RECEIVER_* environment variables (or a .env file); flags override them."""
+EPILOG = "Exit codes: 0 done, 1 failed at run time, 2 bad configuration or usage."
+SERVE_DESCRIPTION = """\
+Accept streams and record them. Every setting is a RECEIVER_* variable (the README lists
+them); the flags below override the most used. RECEIVER_TOKENS holds the accepted bearer
+tokens, comma-separated; without it a token is generated for this run and printed once.
+Without RECEIVER_TLS_CERT/RECEIVER_TLS_KEY a self-signed development certificate is used."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,32 +55,74 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"receiver: {exc}", file=sys.stderr)
         return 2
+    except ReceiverError as exc:
+        print(f"receiver: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows an option's default unless its help already says it (or it has none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default in (None, False, [], argparse.SUPPRESS)
+            or action.option_strings == []
+        ):
+            return text
+        return f"{text} (default: {default})"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command's parser: defaults shown in its help."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="receiver", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="receiver", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"receiver {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="accept and record streams (settings: RECEIVER_*)")
+    serve = sub.add_parser(
+        "serve",
+        help="accept and record streams (settings: RECEIVER_*, tokens: RECEIVER_TOKENS)",
+        description=SERVE_DESCRIPTION,
+        epilog=EPILOG,
+    )
     serve.add_argument("--host", help="address to bind (RECEIVER_HOST, default 0.0.0.0)")
     serve.add_argument("--port", type=int, help="port (RECEIVER_PORT, default 8443)")
-    serve.add_argument("--recordings-dir", type=Path, help="RECEIVER_RECORDINGS_DIR")
-    serve.add_argument("--tls-cert", type=Path, help="PEM certificate (RECEIVER_TLS_CERT)")
-    serve.add_argument("--tls-key", type=Path, help="PEM key (RECEIVER_TLS_KEY)")
+    serve.add_argument(
+        "--recordings-dir",
+        type=Path,
+        help="where recordings go (RECEIVER_RECORDINGS_DIR, default ./recordings)",
+    )
+    serve.add_argument("--tls-cert", type=Path, help="PEM certificate chain (RECEIVER_TLS_CERT)")
+    serve.add_argument("--tls-key", type=Path, help="PEM private key (RECEIVER_TLS_KEY)")
     serve.add_argument(
         "--insecure-ws",
         action="store_true",
         default=None,
         help="serve plain ws behind a TLS-terminating proxy (RECEIVER_INSECURE_WS)",
     )
-    serve.add_argument("--sinks", help="comma-separated sinks (RECEIVER_SINKS, default wav)")
-    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (RECEIVER_LOG_LEVEL)")
     serve.add_argument(
-        "--log-format", choices=["text", "json"], help="text or json lines (RECEIVER_LOG_FORMAT)"
+        "--sinks", help="comma-separated sinks: wav, redis, ... (RECEIVER_SINKS, default wav)"
+    )
+    serve.add_argument(
+        "--log-level",
+        help="DEBUG, INFO, WARNING, ERROR (RECEIVER_LOG_LEVEL, default INFO)",
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="text or json lines (RECEIVER_LOG_FORMAT, default text)",
     )
     serve.set_defaults(func=_serve)
 
@@ -79,25 +136,56 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.set_defaults(func=_repair)
 
-    health = sub.add_parser("health", help="exit 0 if the local receiver's /healthz answers 200")
-    health.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    health = sub.add_parser(
+        "health",
+        help="exit 0 if the receiver's /healthz answers 200 (for container health checks)",
+        description="Probe /healthz of the receiver these settings describe: RECEIVER_HOST\n"
+        "(a wildcard address is probed on loopback), RECEIVER_PORT, RECEIVER_INSECURE_WS.",
+    )
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait")
     health.set_defaults(func=_health)
 
-    sim = sub.add_parser("simulate", help="play WAV files into a receiver as the platform does")
+    sim = sub.add_parser(
+        "simulate",
+        help="play WAV files into a receiver as the platform does",
+        description="Play 16-bit mono WAV files into a receiver exactly as the platform streams\n"
+        "them: connected, start, media frames of both tracks interleaved in time, stop.",
+        epilog=EPILOG,
+    )
     sim.add_argument("inbound", type=Path, metavar="IN.wav", help="audio of the inbound track")
     sim.add_argument(
         "outbound", type=Path, nargs="?", metavar="OUT.wav", help="audio of the outbound track"
     )
-    sim.add_argument("--url", default="wss://localhost:8443/", help="the receiver's URL")
+    sim.add_argument(
+        "--url",
+        help="the receiver's URL (default: wss://localhost:RECEIVER_PORT/, or the "
+        "RECEIVER_HOST it binds; ws:// with RECEIVER_INSECURE_WS)",
+    )
     sim.add_argument("--token", help="bearer token (default: the first of RECEIVER_TOKENS)")
-    sim.add_argument("--codec", choices=sorted(CLI_CODECS), default="pcmu")
-    sim.add_argument("--frame-ms", type=int, default=20, help="frame length (default 20)")
-    sim.add_argument("--realtime", action="store_true", help="pace frames like a live call")
+    sim.add_argument(
+        "--codec",
+        choices=sorted(CLI_CODECS),
+        default="pcmu",
+        help="media format to send: G.711 μ-law/A-law at 8 kHz, or L16 at 8, 16 or 24 kHz",
+    )
+    sim.add_argument(
+        "--frame-ms", type=int, default=20, help="milliseconds of audio a frame, 1 to 1000"
+    )
+    sim.add_argument(
+        "--realtime",
+        action="store_true",
+        help="pace frames like a live call (default: as fast as the receiver takes them)",
+    )
     sim.add_argument(
         "--param", action="append", default=[], metavar="K=V", help="a custom parameter, repeatable"
     )
     sim.add_argument("--stream-sid", help="stream sid to send (default: a new UUID)")
-    sim.add_argument("--layout", choices=["signalwire", "twilio"], default="signalwire")
+    sim.add_argument(
+        "--layout",
+        choices=["signalwire", "twilio"],
+        default="signalwire",
+        help="message shape: SignalWire's, or Twilio's (streamSid on every message)",
+    )
     sim.add_argument(
         "--cafile",
         type=Path,
@@ -144,10 +232,18 @@ def _serve(args: argparse.Namespace) -> int:
             flush=True,
         )
     ssl_context = _server_tls(settings)
+    fit_fd_limit(settings)
     from receiver.server import Receiver
 
+    ui = None
+    if settings.ui_port is not None:  # the web page (receiver.web), beside it in this loop
+        from receiver.web import WebUI
+
+        ui = WebUI(settings)
+        sink_factories.append(ui.sink())
     receiver = Receiver(settings, ssl_context=ssl_context, sink_factories=sink_factories)
-    return _event_loop_runner(settings.event_loop)(_run_until_signal(receiver))
+    run = _run_until_signal(receiver)
+    return _event_loop_runner(settings.event_loop)(ui.serving(run) if ui else run)
 
 
 def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, int]], int]:
@@ -184,7 +280,8 @@ def _server_tls(settings: Settings) -> Any:
         try:
             return tls.server_context(settings.tls_cert, settings.tls_key)
         except (OSError, ValueError) as exc:
-            raise ConfigError("RECEIVER_TLS_CERT", f"cannot load the certificate: {exc}") from None
+            problem = _pem_problem(settings.tls_cert, settings.tls_key, exc)
+            raise ConfigError("RECEIVER_TLS_CERT", problem) from None
     cert = tls.ensure_dev_certificate(settings.state_dir)
     logger.warning(
         "no RECEIVER_TLS_CERT/RECEIVER_TLS_KEY: using a self-signed DEVELOPMENT certificate "
@@ -195,6 +292,56 @@ def _server_tls(settings: Settings) -> Any:
         cert.fingerprint_sha256,
     )
     return tls.server_context(cert.cert_path, cert.key_path)
+
+
+# Each stream holds about 4 fds (its socket, the in-progress marker, two track files), each
+# handshake in progress one; the rest (listening sockets, logs, Redis, metrics) fits in this.
+FDS_PER_STREAM = 4
+FD_HEADROOM = 64
+
+
+def fit_fd_limit(settings: Settings) -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard one (the one process-wide change ``serve``
+    makes for it); ConfigError when the configured streams cannot fit. Returns the limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = soft
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1024 * 1024)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            limit = wanted
+        except (ValueError, OSError):
+            pass
+    if limit != soft:
+        logger.info("file descriptor limit raised from %d to %d", soft, limit)
+    needed = FDS_PER_STREAM * settings.max_streams + settings.max_pending_handshakes + FD_HEADROOM
+    if needed > limit:
+        raise ConfigError(
+            "RECEIVER_MAX_STREAMS",
+            f"{FDS_PER_STREAM} file descriptors a stream, plus "
+            f"RECEIVER_MAX_PENDING_HANDSHAKES and {FD_HEADROOM} more, need {needed}; the fd "
+            f"limit is {limit} (ulimit -n): lower them or raise the limit",
+        )
+    return limit
+
+
+def _pem_problem(cert: Path, key: Path, exc: Exception) -> str:
+    """What is wrong with a certificate/key pair OpenSSL refused ("[SSL] PEM lib")."""
+    try:
+        cert_text = cert.read_text(errors="replace")
+        key_text = key.read_text(errors="replace")
+    except OSError as error:
+        return f"cannot read it: {error.strerror or error}"
+    if "PRIVATE KEY-----" in cert_text and "CERTIFICATE-----" in key_text:
+        return "RECEIVER_TLS_CERT and RECEIVER_TLS_KEY are swapped: the certificate holds a key"
+    if "-----BEGIN CERTIFICATE-----" not in cert_text:
+        return "is not a PEM certificate (-----BEGIN CERTIFICATE-----)"
+    if "PRIVATE KEY-----" not in key_text:
+        return "RECEIVER_TLS_KEY is not a PEM private key (-----BEGIN ... PRIVATE KEY-----)"
+    reason = getattr(exc, "reason", None) or exc
+    return f"cannot load the certificate with RECEIVER_TLS_KEY ({reason}): does the key match it?"
 
 
 def check_recordings_dir(path: Path) -> None:
@@ -227,28 +374,31 @@ async def _run_until_signal(receiver: Any) -> int:
         loop.add_signal_handler(sig, on_signal)
     try:
         await receiver.start()
-    except OSError as exc:
-        logger.error(
-            "cannot listen on %s:%s: %s",
-            receiver.settings.host,
-            receiver.settings.port,
-            exc.strerror or exc,
-        )
+    except ListenError as exc:
+        logger.error("%s", exc)
         await receiver.shutdown()
         return 1
     s = receiver.settings
+    metrics_at = (
+        f"http://{s.metrics_host}:{receiver.metrics_port}/metrics"
+        if receiver.metrics_port is not None
+        else "/metrics on this port"
+    )
     logger.info(
-        "listening on %s://%s:%d/ (health: /healthz), %d token(s), recordings in %s, %s loop",
+        "listening on %s://%s:%d/ (health: /healthz, metrics: %s), %d token(s), recordings in "
+        "%s, %s loop",
         "ws" if receiver.ssl_context is None else "wss",
         s.host,
         receiver.port,
+        metrics_at,
         len(s.tokens),
         s.recordings_dir.resolve(),
         "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio",
     )
     await stop.wait()
     await receiver.shutdown()
-    logger.info("stopped: %d streams recorded", receiver.counters["streams"])
+    recorded = receiver.counters["streams"]
+    logger.info("stopped: %d stream%s recorded", recorded, "" if recorded == 1 else "s")
     return 0
 
 
@@ -290,35 +440,60 @@ def _repair(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe_host(host: str) -> str:
+    """Where a server bound to ``host`` is reached from this machine: loopback for a wildcard."""
+    return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104
+
+
 def _health(args: argparse.Namespace) -> int:
     """Probe this machine's receiver (for container health checks): 0 when /healthz is 200."""
     import http.client
     import ssl
 
     settings = load_settings()
+    host = _probe_host(settings.host)
     if settings.insecure_ws:
         conn: http.client.HTTPConnection = http.client.HTTPConnection(
-            "127.0.0.1", settings.port, timeout=args.timeout
+            host, settings.port, timeout=args.timeout
         )
     else:
-        # Liveness of our own process on loopback: the certificate is not what is checked here.
+        # Liveness of our own process: the certificate is not what is checked here.
         context = ssl._create_unverified_context()  # noqa: S323
         conn = http.client.HTTPSConnection(
-            "127.0.0.1", settings.port, timeout=args.timeout, context=context
+            host, settings.port, timeout=args.timeout, context=context
         )
+    where = f"{host}:{settings.port}"
     try:
         conn.request("GET", "/healthz")
         status = conn.getresponse().status
-    except OSError as exc:
-        print(f"receiver health: {exc}", file=sys.stderr)
+    except (OSError, http.client.HTTPException) as exc:
+        problem = (
+            exc.strerror
+            if isinstance(exc, OSError) and exc.strerror
+            else str(exc) or type(exc).__name__
+        )
+        print(f"receiver health: {where}: {problem}", file=sys.stderr)
         return 1
     finally:
         conn.close()
-    print(f"receiver health: {status}")
+    print(f"receiver health: {where}: {status}")
     return 0 if status == 200 else 1
 
 
+def default_url(settings: Settings) -> str:
+    """The URL of the receiver these settings describe, as seen from this machine."""
+    host = _probe_host(settings.host)
+    if host in ("127.0.0.1", "::1"):
+        host = "localhost"  # the name the development certificate is made for
+    elif ":" in host:
+        host = f"[{host}]"
+    scheme = "ws" if settings.insecure_ws else "wss"
+    return f"{scheme}://{host}:{settings.port}/"
+
+
 def _simulate(args: argparse.Namespace) -> int:
+    from urllib.parse import urlsplit
+
     from receiver import simulate, tls
 
     logging.basicConfig(level="INFO", format="%(message)s", stream=sys.stderr)
@@ -326,6 +501,16 @@ def _simulate(args: argparse.Namespace) -> int:
     token = args.token or (settings.token_values[0] if settings.tokens else None)
     if token is None:
         raise ConfigError("--token", "give --token or set RECEIVER_TOKENS")
+    if not 1 <= args.frame_ms <= 1000:
+        raise ConfigError("--frame-ms", f"must be 1 to 1000, got {args.frame_ms}")
+    target = args.url or default_url(settings)
+    scheme = urlsplit(target).scheme.lower()
+    if scheme not in ("ws", "wss") or not urlsplit(target).hostname:
+        suggestion = ""
+        if scheme in ("http", "https"):
+            rest = target.split("://", 1)[1]
+            suggestion = f": did you mean {'wss' if scheme == 'https' else 'ws'}://{rest}?"
+        raise ConfigError("--url", f"must be a wss:// (or ws://) URL, got {target!r}{suggestion}")
     codec = codec_for(CLI_CODECS[args.codec], l16_byte_order=settings.l16_byte_order)
     tracks: dict[Track, bytes] = {}
     paths: list[tuple[Track, Path | None]] = [
@@ -336,10 +521,12 @@ def _simulate(args: argparse.Namespace) -> int:
         if path is not None:
             tracks[track] = codec.encode(read_mono(path, sample_rate_hz=codec.sample_rate_hz))
     try:
-        params = simulate.parse_params(args.param)
+        params = dict(parse_pairs(args.param))
     except ValueError as exc:
         raise ConfigError("--param", str(exc)) from None
     cafile = args.cafile
+    if cafile is not None and not cafile.is_file():
+        raise ConfigError("--cafile", f"no such file: {cafile}")
     dev_cert = settings.state_dir / tls.DEV_CERT_NAME
     if cafile is None and dev_cert.is_file():
         cafile = dev_cert
@@ -364,24 +551,29 @@ def _simulate(args: argparse.Namespace) -> int:
 
     result = asyncio.run(
         simulate.play(
-            args.url,
+            target,
             messages,
             token=token,
             ssl_context=tls.client_context(cafile),
-            frame_interval_s=args.frame_ms / 1000 if args.realtime else 0.0,
-            frames_per_interval=len(tracks),
+            pace=1.0 if args.realtime else 0.0,
             progress=show if sys.stderr.isatty() else None,
         )
     )
     print(
-        f"sent {result.messages_sent} messages ({', '.join(tracks)}); server closed with "
-        f"{result.close_code} {result.close_reason or ''}".rstrip()
+        f"sent {result.messages_sent} messages ({', '.join(tracks)}) to {target}; server closed "
+        f"with {result.close_code} {result.close_reason or ''}".rstrip()
     )
     return 0 if result.close_code == 1000 else 1
 
 
 def read_mono(path: Path, *, sample_rate_hz: int) -> Any:
-    """A WAV file as int16 mono at ``sample_rate_hz`` (channels are averaged), or ConfigError."""
+    """A mono WAV file as int16 samples at ``sample_rate_hz``, or ConfigError saying why not.
+
+    A file with several channels is refused rather than mixed down: each track of a stream is
+    one channel, and which channel (or what mix) is meant is the user's choice, made with sox.
+    """
+    if not path.is_file():
+        raise ConfigError(str(path), "no such file")
     try:
         data, rate = soundfile.read(path, dtype="int16", always_2d=True)
     except (OSError, RuntimeError, soundfile.LibsndfileError) as exc:
@@ -392,9 +584,13 @@ def read_mono(path: Path, *, sample_rate_hz: int) -> Any:
             f"is {rate} Hz but the codec needs {sample_rate_hz} Hz; convert it first, e.g. "
             f"sox {path} -r {sample_rate_hz} -c 1 -b 16 converted.wav",
         )
-    if data.shape[1] == 1:
-        return data[:, 0].copy()
-    return np.round(data.mean(axis=1)).astype(np.int16)
+    if data.shape[1] != 1:
+        raise ConfigError(
+            str(path),
+            f"has {data.shape[1]} channels, a track is one; pick one first, e.g. "
+            f"sox {path} left.wav remix 1 (or remix - for a mix of all)",
+        )
+    return data[:, 0].copy()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,21 @@ from numpy.typing import NDArray
 
 from receiver.events import MediaFormat
 from receiver.exceptions import MalformedMessage, UnsupportedMedia
+from receiver.text import shorten
+
+__all__ = [
+    "CLI_CODECS",
+    "ByteOrder",
+    "Codec",
+    "CodecName",
+    "codec_for",
+    "decode_alaw",
+    "decode_l16",
+    "decode_mulaw",
+    "encode_alaw",
+    "encode_l16",
+    "encode_mulaw",
+]
 
 ByteOrder = Literal["little", "big"]
 CodecName = Literal["pcmu", "pcma", "l16"]
@@ -145,7 +160,7 @@ def codec_for(media_format: MediaFormat, *, l16_byte_order: ByteOrder = "little"
         raise UnsupportedMedia(f"{media_format.channels} channels (receiver decodes mono)")
     if encoding in _MULAW_NAMES or encoding in _ALAW_NAMES:
         if rate not in _G711_RATES:
-            raise UnsupportedMedia(f"G.711 {_clip(sent)} at {rate} Hz (only 8000 Hz exists)")
+            raise UnsupportedMedia(f"G.711 {shorten(sent, 40)} at {rate} Hz (only 8000 Hz exists)")
         mulaw = encoding in _MULAW_NAMES
         return Codec(
             name="pcmu" if mulaw else "pcma",
@@ -168,10 +183,6 @@ def codec_for(media_format: MediaFormat, *, l16_byte_order: ByteOrder = "little"
             media_format=MediaFormat("audio/x-L16", rate),
         )
     raise UnsupportedMedia(
-        f"unsupported encoding {_clip(sent)!r} "
+        f"unsupported encoding '{shorten(sent, 40)}' "
         "(receiver decodes audio/x-mulaw, audio/x-alaw, audio/x-L16)"
     )
-
-
-def _clip(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."

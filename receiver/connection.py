@@ -11,24 +11,46 @@ had parsed every frame itself. Measured by ``bench.run``, see ``bench/README.md`
 Once the consumer has ended the stream, the bytes that follow (the client's close frame,
 typically in the same read as its ``stop``) wait until the handler calls ``release()`` after
 finishing the files: websockets would answer the close, and the client see the connection
-end, before the last batch was written.
+end, before the last batch was written. The same holds for what websockets sends by itself
+while the stream is live (its answer to a client's close; its own close for a frame too big,
+invalid UTF-8, bad framing, a keepalive timeout): ``send_data`` keeps it, ``consume`` raises
+``ConnectionClosed`` as if the connection had ended, and ``release()`` sends it.
+
+Every write goes through ``_write``, which aborts a connection whose unsent bytes pass the
+gate's limit (a client that pings and never reads its pongs), and the gate counts the
+connection (admitted at accept by ``receiver.listener``) as a handshake in progress until its
+handler starts or it ends.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import (
+    ConnectionClosed,
+    ConnectionClosedError,
+    ConnectionClosedOK,
+    InvalidMessage,
+)
+from websockets.frames import OK_CLOSE_CODES
 from websockets.protocol import State
 from websockets.typing import Data
 
 from receiver.frames import TextFrames
+from receiver.gate import ConnectionGate, PendingHandshake
 
 # Reading pauses while this much received text waits for the consumer (websockets' own queue
 # pauses at 16 messages): a bound on each connection's memory when the handler is not reading.
 _PAUSE_AT_BYTES = 256 * 1024
+
+_BAD_REQUEST = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 12\r\nConnection: close\r\n\r\nbad request\n"
+)
 
 T = TypeVar("T")
 # What a consumer says after a batch: None to go on, anything else ends consume() with it.
@@ -39,11 +61,21 @@ _HANDED_BACK: Any = object()
 class StreamConnection(ServerConnection):
     """A server connection whose handler may take its text frames in batches."""
 
-    # Set per server (``receiver.server``): websockets' max_size, for the splitter.
+    # Set per server (``receiver.server``): websockets' max_size, for the splitter; the gate.
     max_message_bytes = 65_536
+    gate: ConnectionGate
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.peer_ip = "unknown"
+        # Set by the listener: the gate's count of this handshake, until the handler starts.
+        self.pending_handshake: PendingHandshake | None = None
+        self._live = False  # a handler reads the stream: what websockets sends waits
+        self._deferred: list[bytes] = []  # what websockets sent while live, until release()
+        self._closing: asyncio.Future[None] | None = None  # done once something was deferred
+        self._answered_bad_request = False
+        self.keepalive_expired = False
+        self.write_overflow = False
         self._frames: TextFrames | None = None
         self._ready: list[str] = []
         self._ready_bytes = 0
@@ -61,6 +93,7 @@ class StreamConnection(ServerConnection):
         the handshake's response, a websockets without these attributes) websockets keeps the
         stream and ``consume`` takes its messages one by one. Returns whether it took over.
         """
+        self._live = True
         buffered = getattr(getattr(self.protocol, "reader", None), "buffer", None)
         queued = getattr(self.recv_messages, "frames", None)
         if (
@@ -82,6 +115,7 @@ class StreamConnection(ServerConnection):
         time from ``recv()``. What the consumer raises is raised here, and so is
         ``ConnectionClosed`` once every message before the end was consumed.
         """
+        self._live = True
         while True:
             if self._ready:
                 ready, self._ready, self._ready_bytes = self._ready, [], 0
@@ -89,6 +123,8 @@ class StreamConnection(ServerConnection):
                 end = self._call(consumer, ready)
                 if end is not None:
                     return end
+            elif self._deferred and not self._queued():
+                raise self._close_exc()
             elif self._frames is not None:
                 self._outcome = self.loop.create_future()
                 self._consumer = consumer
@@ -99,16 +135,109 @@ class StreamConnection(ServerConnection):
                 if outcome is not _HANDED_BACK:
                     return outcome  # type: ignore[no-any-return]
             else:
-                end = self._call(consumer, [await self.recv()])
-                if end is not None:
-                    return end
+                message = await self._recv_unless_closing()
+                if message is not None:
+                    end = self._call(consumer, [message])
+                    if end is not None:
+                        return end
+
+    async def _recv_unless_closing(self) -> Data | None:
+        """websockets' ``recv()``, or None once something it sent was deferred."""
+        if self._closing is None:
+            self._closing = self.loop.create_future()
+        if self._closing.done():
+            return None
+        recv = self.loop.create_task(self.recv())
+        waits: set[asyncio.Future[Any]] = {recv, self._closing}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if recv.done():
+            return recv.result()
+        recv.cancel()  # recv() is cancellation-safe: a message it had is not lost
+        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+            await recv
+        return None
+
+    def _queued(self) -> bool:
+        """Messages websockets parsed that ``recv()`` has not handed out yet."""
+        frames = getattr(self.recv_messages, "frames", None)
+        return bool(frames is not None and len(frames))
+
+    def _close_exc(self) -> ConnectionClosed:
+        """The ``ConnectionClosed`` websockets will raise, built before the connection is closed."""
+        rcvd, sent = self.protocol.close_rcvd, self.protocol.close_sent
+        ok = (
+            rcvd is not None
+            and sent is not None
+            and rcvd.code in OK_CLOSE_CODES
+            and sent.code in OK_CLOSE_CODES
+        )
+        kind = ConnectionClosedOK if ok else ConnectionClosedError
+        return kind(rcvd, sent, self.protocol.close_rcvd_then_sent)
 
     def release(self) -> None:
-        """Files finished (or the client gone): websockets gets every byte held, and reads on."""
+        """Files finished (or the client gone): what websockets sent meanwhile goes out,
+        websockets gets every byte held, and reads on."""
+        self._live = False
+        deferred, self._deferred = self._deferred, []
+        if deferred and not self.transport.is_closing():
+            self._write(deferred)
         self._resume()
         if self._frames is not None:
             held, self._held = self._frames.buffered + self._held, bytearray()
             self._hand_back(bytes(held))
+
+    def handshake_over(self) -> None:
+        """The handshake is done (or failed): no longer counted as pending by the gate."""
+        if self.pending_handshake is not None:
+            self.pending_handshake.release()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = str(peer[0]) if peer else "unknown"
+        super().connection_made(transport)
+
+    def send_data(self) -> None:
+        """As websockets' (with our write-buffer check), but while the stream is live a close
+        websockets sends by itself waits for ``release()``."""
+        if self._live and self.protocol.state is not State.OPEN:
+            self._deferred.extend(self.protocol.data_to_send())
+            if self._deferred:
+                if asyncio.current_task() is getattr(self, "keepalive_task", None):
+                    self.keepalive_expired = True
+                if self._closing is None:
+                    self._closing = self.loop.create_future()
+                if not self._closing.done():
+                    self._closing.set_result(None)
+                self._wake()
+            return
+        handshake_exc = self.protocol.handshake_exc
+        if (
+            self.request is None
+            and isinstance(handshake_exc, InvalidMessage)
+            and not isinstance(handshake_exc.__cause__, EOFError)
+            and not self._answered_bad_request
+        ):
+            # websockets could not parse the request and would just hang up: answer 400.
+            self._answered_bad_request = True
+            self.gate.bad_request(self.peer_ip, reason="unparsable", detail=str(handshake_exc))
+            self.transport.write(_BAD_REQUEST)
+        self._write(self.protocol.data_to_send())
+
+    def _write(self, chunks: Iterable[bytes]) -> None:
+        for data in chunks:
+            if data:
+                self.transport.write(data)
+            elif self.transport.can_write_eof():
+                with contextlib.suppress(Exception):  # uvloop may raise RuntimeError
+                    self.transport.write_eof()
+            else:
+                self.transport.close()
+        buffered = self.transport.get_write_buffer_size()
+        if buffered > self.gate.max_write_buffer_bytes and not self.write_overflow:
+            # A client that sends (pings) and never reads would have us buffer without end.
+            self.write_overflow = True
+            self.gate.write_overflow(self.peer_ip, buffered_bytes=buffered)
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         frames = self._frames
@@ -134,6 +263,7 @@ class StreamConnection(ServerConnection):
         super().eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.handshake_over()
         self._frames = None
         super().connection_lost(exc)
         self._wake()

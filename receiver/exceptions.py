@@ -10,13 +10,41 @@
      │    ├── UnsupportedMedia      1003: binary frames, an encoding we cannot decode
      │    └── LimitExceeded         1008: a size, count or time limit
      ├── SinkError              a sink failed; names the sink
-     └── RecordingFailed        every sink of a stream failed: the stream is closed with 1011
+     ├── ListenError            a port could not be bound; names which one (streams or metrics)
+     ├── RecordingFailed        every sink of a stream failed: the stream is closed with 1011
+     ├── ConnectFailed          the simulator reached no receiver, or was refused; names the URL
+     └── SignalWireError        (receiver.signalwire) the Conference Streams API client
+          ├── StreamRequestInvalid  a request caught before it is sent; names the field
+          ├── ApiError              the API answered an error status, in its own words
+          └── ApiUnreachable        no answer: refused, TLS, a timeout
 
 A ``ProtocolError`` ends one stream, never the server: the server closes that connection with
 ``close_code`` and ``reason`` and keeps every sample received before.
 """
 
 from __future__ import annotations
+
+from receiver.text import shorten
+
+__all__ = [
+    "CLOSE_GOING_AWAY",
+    "CLOSE_INTERNAL_ERROR",
+    "CLOSE_INVALID_PAYLOAD",
+    "CLOSE_NORMAL",
+    "CLOSE_POLICY_VIOLATION",
+    "CLOSE_UNSUPPORTED_DATA",
+    "MAX_CLOSE_REASON_BYTES",
+    "ConfigError",
+    "ConnectFailed",
+    "LimitExceeded",
+    "MalformedMessage",
+    "ProtocolError",
+    "ReceiverError",
+    "RecordingFailed",
+    "SinkError",
+    "UnexpectedMessage",
+    "UnsupportedMedia",
+]
 
 # RFC 6455 section 7.4.1 close codes used by the receiver.
 CLOSE_NORMAL = 1000
@@ -61,8 +89,8 @@ class ProtocolError(ReceiverError):
 
     @property
     def close_reason(self) -> str:
-        """The reason cut to what a WebSocket close frame can carry, on a character boundary."""
-        return truncate_utf8(self.reason, MAX_CLOSE_REASON_BYTES)
+        """The reason as printable ASCII cut to what a WebSocket close frame can carry."""
+        return shorten(self.reason, MAX_CLOSE_REASON_BYTES)
 
 
 class MalformedMessage(ProtocolError):
@@ -105,17 +133,6 @@ class SinkError(ReceiverError):
         return f"sink {self.sink!r} failed: {type(self.cause).__name__}: {self.cause}"
 
 
-def truncate_utf8(text: str, max_bytes: int) -> str:
-    """``text`` as valid UTF-8 of at most ``max_bytes``, cut on a character boundary.
-
-    Characters UTF-8 cannot carry (lone surrogates from client JSON) become ``?``.
-    """
-    encoded = text.encode("utf-8", "replace")
-    if len(encoded) <= max_bytes:
-        return encoded.decode("utf-8")
-    return encoded[: max_bytes - 3].decode("utf-8", "ignore") + "..."
-
-
 class RecordingFailed(ReceiverError):
     """Every sink of a stream failed, so nothing would be kept: the stream ends with 1011."""
 
@@ -127,3 +144,29 @@ class RecordingFailed(ReceiverError):
 
     def __str__(self) -> str:
         return "recording failed: " + "; ".join(self.errors)
+
+
+class ListenError(ReceiverError):
+    """A listening socket could not be bound: ``role`` says which (``streams``, ``metrics``)."""
+
+    def __init__(self, *, role: str, host: str, port: int, problem: str) -> None:
+        super().__init__(role, host, port, problem)
+        self.role = role
+        self.host = host
+        self.port = port
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"cannot listen on {self.host}:{self.port} for {self.role}: {self.problem}"
+
+
+class ConnectFailed(ReceiverError):
+    """No WebSocket to ``url``: nothing listening, TLS refused, or the handshake refused."""
+
+    def __init__(self, url: str, problem: str) -> None:
+        super().__init__(url, problem)
+        self.url = url
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"{self.url}: {self.problem}"

@@ -32,6 +32,11 @@ from receiver.events import Track
 from receiver.session import AudioBatch, DtmfRecord, MarkRecord
 from receiver.sinks.base import SinkFactory, StreamInfo, StreamSummary
 
+__all__ = [
+    "LiveAudio",
+    "LiveStream",
+]
+
 if TYPE_CHECKING:
     from receiver.settings import Settings
 

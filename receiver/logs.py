@@ -38,7 +38,9 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object a line: time, level, logger, message, stream_sid, exception."""
+    """One JSON object a line: time, level, logger, message, stream_sid, exception, and the
+    record's ``fields`` (``extra={"fields": {...}}``: figures a program should not parse out of
+    the message)."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -50,9 +52,21 @@ class JsonFormatter(logging.Formatter):
         sid = getattr(record, "stream_sid", None)
         if sid is not None:
             entry["stream_sid"] = sid
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update((k, v) for k, v in fields.items() if k not in entry)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=True)
+
+
+class QuietInfo(logging.LoggerAdapter[logging.Logger]):
+    """websockets' logger with its INFO lines ("connection open", "HTTP response sent",
+    "connection closed": two a /healthz probe, none with the peer) lowered to DEBUG; we log
+    what matters about each connection ourselves."""
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        super().log(logging.DEBUG if level == logging.INFO else level, msg, *args, **kwargs)
 
 
 def setup_logging(*, level: str, log_format: LogFormat) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -22,23 +23,94 @@ from receiver.session import TrackStats
 if TYPE_CHECKING:
     from receiver.events import Track
 
-# (counter prefix in Receiver.counters, metric name, label, help)
-_LABELLED_COUNTERS = (
-    (
-        "rejected_",
-        "receiver_handshake_rejections",
-        "reason",
-        "Handshakes refused before the upgrade (auth: no or wrong bearer token).",
+
+class Count(StrEnum):
+    """Everything the receiver counts; each is exported as ``receiver_<name>_total``."""
+
+    STREAMS = "streams"
+    STREAMS_FAST_PATH = "streams_fast_path"
+    STREAMS_ENDED = "streams_ended"
+    HANDSHAKE_REJECTIONS = "handshake_rejections"
+    PROTOCOL_ERRORS = "protocol_errors"
+    SINK_ERRORS = "sink_errors"
+    INTERNAL_ERRORS = "internal_errors"
+    RECORDING_FAILURES = "recording_failures"
+    UNKNOWN_EVENTS = "unknown_events"
+    WRITE_BUFFER_OVERFLOWS = "write_buffer_overflows"
+    CONNECTIONS_REFUSED = "connections_refused"
+    ACCEPT_ERRORS = "accept_errors"
+    TLS_HANDSHAKE_FAILURES = "tls_handshake_failures"
+    BAD_REQUESTS = "bad_requests"
+    CLOSE_TIMEOUTS = "close_timeouts"
+    HEALTH_FAILURES = "health_failures"
+    DROPPED = "dropped"
+
+
+@dataclass(frozen=True, slots=True)
+class CounterSpec:
+    """How one counter is exported: its label (None: a single value) and its help text."""
+
+    label: str | None
+    help: str
+
+
+COUNTERS: dict[Count, CounterSpec] = {
+    Count.STREAMS: CounterSpec(None, "Streams started."),
+    Count.STREAMS_FAST_PATH: CounterSpec(None, "Streams whose frames the receiver split itself."),
+    Count.STREAMS_ENDED: CounterSpec("end", "Streams that ended, by how they ended."),
+    Count.HANDSHAKE_REJECTIONS: CounterSpec(
+        "reason", "Handshakes refused before the upgrade (auth: no or wrong bearer token)."
     ),
-    (
-        "protocol_errors_",
-        "receiver_protocol_errors",
-        "kind",
-        "Streams closed for breaking the protocol, by kind.",
+    Count.PROTOCOL_ERRORS: CounterSpec("kind", "Streams closed for breaking the protocol."),
+    Count.SINK_ERRORS: CounterSpec("sink", "Sink failures, by sink."),
+    Count.INTERNAL_ERRORS: CounterSpec(None, "Streams ended by a bug of the receiver."),
+    Count.RECORDING_FAILURES: CounterSpec(None, "Streams closed 1011: no sink left to record."),
+    Count.UNKNOWN_EVENTS: CounterSpec(None, "Messages of an unknown event, skipped."),
+    Count.WRITE_BUFFER_OVERFLOWS: CounterSpec(
+        None, "Connections aborted: a client that does not read what we send (pongs)."
     ),
-    ("sink_errors_", "receiver_sink_errors", "sink", "Sink failures, by sink."),
-    ("ended_", "receiver_streams_ended", "end", "Streams that ended, by how they ended."),
-)
+    Count.CONNECTIONS_REFUSED: CounterSpec(
+        "reason", "TCP connections closed at accept: too many handshakes in progress."
+    ),
+    Count.ACCEPT_ERRORS: CounterSpec("error", "accept() failures (EMFILE, ENFILE: out of fds)."),
+    Count.TLS_HANDSHAKE_FAILURES: CounterSpec(
+        "reason", "TLS handshakes that failed (plain_http: plain HTTP or ws:// to the TLS port)."
+    ),
+    Count.BAD_REQUESTS: CounterSpec("reason", "HTTP requests refused with 400 before routing."),
+    Count.CLOSE_TIMEOUTS: CounterSpec(
+        None, "Connections cut after our close frame went unanswered for the close timeout."
+    ),
+    Count.HEALTH_FAILURES: CounterSpec("reason", "/healthz answers of 503, by reason."),
+    Count.DROPPED: CounterSpec(
+        "what", "Items a stream sent past a per-stream bound (marks, dtmf, ...), dropped."
+    ),
+}
+
+
+class Counters:
+    """The receiver's counters: ``add(Count.X)`` or ``add(Count.X, label)``; read by key.
+
+    ``counters[Count.X]`` is the total over every label, ``counters[Count.X, label]`` one label.
+    """
+
+    def __init__(self) -> None:
+        self._values: Counter[tuple[Count, str]] = Counter()
+
+    def add(self, counter: Count, label: str = "", *, amount: int = 1) -> None:
+        """Count ``amount`` of ``counter`` (under ``label`` when it has one)."""
+        self._values[(counter, label)] += amount
+
+    def __getitem__(self, key: str | tuple[str, str]) -> int:
+        if isinstance(key, tuple):
+            return self._values[(Count(key[0]), key[1])]
+        counter = Count(key)
+        return sum(v for (c, _), v in self._values.items() if c is counter)
+
+    def labels(self, counter: Count) -> dict[str, int]:
+        """Every label of ``counter`` seen so far, with its value."""
+        return {label: v for (c, label), v in sorted(self._values.items()) if c is counter}
+
+
 _TRACK_FIELDS = (
     ("frames", "receiver_frames", "Media frames received."),
     ("bytes", "receiver_audio_bytes", "Encoded audio bytes received."),
@@ -63,7 +135,7 @@ class ReceiverMetrics:
     def __init__(
         self,
         *,
-        counters: Counter[str],
+        counters: Counters,
         active_streams: Callable[[], int],
         live_streams: Callable[[], Iterable[LiveTracks]],
     ) -> None:
@@ -102,7 +174,7 @@ class _Collector(Collector):
     def __init__(
         self,
         metrics: ReceiverMetrics,
-        counters: Counter[str],
+        counters: Counters,
         active_streams: Callable[[], int],
         live_streams: Callable[[], Iterable[LiveTracks]],
     ) -> None:
@@ -115,13 +187,14 @@ class _Collector(Collector):
         yield GaugeMetricFamily(
             "receiver_streams_active", "Streams being received now.", value=self._active()
         )
-        counters = self._counters
-        yield CounterMetricFamily("receiver_streams", "Streams started.", value=counters["streams"])
-        for prefix, name, label, doc in _LABELLED_COUNTERS:
-            family = CounterMetricFamily(name, doc, labels=[label])
-            for key, value in sorted(counters.items()):
-                if key.startswith(prefix):
-                    family.add_metric([key.removeprefix(prefix)], value)
+        for counter, spec in COUNTERS.items():
+            name = f"receiver_{counter.value}"
+            if spec.label is None:
+                yield CounterMetricFamily(name, spec.help, value=self._counters[counter])
+                continue
+            family = CounterMetricFamily(name, spec.help, labels=[spec.label])
+            for label, value in self._counters.labels(counter).items():
+                family.add_metric([label], value)
             yield family
         totals = Counter(self._metrics.finished)
         for live in self._live():

@@ -34,6 +34,7 @@ from receiver.exceptions import (
     UnexpectedMessage,
     UnsupportedMedia,
 )
+from receiver.text import shorten
 
 # Enough digits for any real counter; more is an attack on int parsing, not a stream.
 _MAX_DIGITS = 15
@@ -126,7 +127,7 @@ def decode_json(text: str) -> dict[str, Any]:
     try:
         value = _JSON.decode(text)
     except (msgspec.DecodeError, RecursionError) as exc:
-        raise MalformedMessage(f"not JSON: {str(exc)[:80]}") from None
+        raise MalformedMessage(f"not JSON: {shorten(str(exc), 80)}") from None
     except UnicodeEncodeError:  # a str holding a lone surrogate: not text that JSON can be
         raise MalformedMessage("not JSON: the text is not valid Unicode") from None
     if not isinstance(value, dict):
@@ -260,7 +261,8 @@ def _parse_media(
     elif isinstance(raw_track, str) and raw_track in _TRACK_NAMES:
         track = _TRACK_NAMES[raw_track]
     else:
-        raise MalformedMessage(f"media.track must be inbound or outbound, got {_show(raw_track)}")
+        shown = shorten(ascii(raw_track), 24)
+        raise MalformedMessage(f"media.track must be inbound or outbound, got {shown}")
     return Media(
         track=track,
         payload=audio,
@@ -356,14 +358,9 @@ def _opt_int(obj: Mapping[str, Any], key: str, prefix: str) -> int | None:
     elif isinstance(value, str) and 0 < len(value) <= _MAX_DIGITS and value.isdigit():
         number = int(value) if value.isascii() else None
     if number is None or not 0 <= number < 10**_MAX_DIGITS:
-        raise MalformedMessage(f"{prefix}{key} must be a whole number >= 0, got {_show(value)}")
+        shown = shorten(ascii(value), 24)
+        raise MalformedMessage(f"{prefix}{key} must be a whole number >= 0, got {shown}")
     return number
-
-
-def _show(value: object) -> str:
-    """A short, safe rendering of a client value for a close reason."""
-    text = repr(value)
-    return text if len(text) <= 24 else text[:21] + "..."
 
 
 def _kind(value: object) -> str:

@@ -13,16 +13,23 @@ import contextlib
 import logging
 import ssl
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any, assert_never
+from typing import Any, assert_never, cast
 from urllib.parse import urlsplit
 
 from prometheus_client import start_wsgi_server
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.server import ServerProtocol
 
-from receiver.auth import TokenChecker, make_gate, peer_ip, redact_websockets_logs
+from receiver.auth import (
+    TokenChecker,
+    count_refusals,
+    make_gate,
+    peer_ip,
+    redact_websockets_logs,
+)
 from receiver.codecs import codec_for
 from receiver.connection import StreamConnection
 from receiver.events import Connected, Dtmf, Mark, Media, Start, Stop, UnknownEvent
@@ -31,18 +38,22 @@ from receiver.exceptions import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_POLICY_VIOLATION,
     MAX_CLOSE_REASON_BYTES,
+    ListenError,
     ProtocolError,
     RecordingFailed,
     UnsupportedMedia,
-    truncate_utf8,
 )
-from receiver.logs import StreamLogger
-from receiver.metrics import LiveTracks, ReceiverMetrics
+from receiver.gate import ConnectionGate, PendingHandshake
+from receiver.health import HealthCheck
+from receiver.listener import Listener, bind
+from receiver.logs import QuietInfo, StreamLogger
+from receiver.metrics import Count, Counters, LiveTracks, ReceiverMetrics
 from receiver.protocol import StreamProtocol
 from receiver.session import Session
 from receiver.settings import Settings
 from receiver.sinks import Fanout, SinkFactory, StreamInfo, StreamSummary, sink_factories_for
 from receiver.sinks.base import Lifecycle, StreamEnd
+from receiver.text import shorten
 
 logger = logging.getLogger("receiver.server")
 
@@ -55,12 +66,6 @@ _TLS_READ_BUFFER_BYTES = 32 * 1024
 _WE_CLOSE = frozenset({"protocol-error", "error", "idle-timeout", "max-duration"})
 # Close codes websockets sends when it refuses a frame: bad framing, invalid UTF-8, too big.
 _FRAME_ERRORS = frozenset({1002, 1007, 1009})
-
-
-def _short(text: str, limit: int = 48) -> str:
-    """Client text made safe for one log line: escaped, bounded."""
-    shown = text.encode("unicode_escape").decode("ascii")
-    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 class Receiver:
@@ -82,7 +87,7 @@ class Receiver:
         self.sink_factories = (
             list(sink_factories) if sink_factories is not None else sink_factories_for(settings)
         )
-        self.counters: Counter[str] = Counter()
+        self.counters = Counters()
         self.per_ip: Counter[str] = Counter()
         self.draining = False
         self._check_token = TokenChecker(settings.token_values)
@@ -91,6 +96,18 @@ class Receiver:
         self._metrics_server: Any = None
         self._handlers: set[asyncio.Task[Any]] = set()
         self._streams: set[StreamHandler] = set()
+        self._active: set[StreamHandler] = set()  # files not yet finished
+        self.gate = ConnectionGate(
+            counters=self.counters,
+            max_pending_handshakes=settings.max_pending_handshakes,
+            max_pending_handshakes_per_ip=settings.max_pending_handshakes_per_ip,
+            max_write_buffer_bytes=settings.max_write_buffer_bytes,
+        )
+        self.health = HealthCheck(
+            settings.recordings_dir,
+            min_free_bytes=settings.min_free_disk_mb * 1024 * 1024,
+            counters=self.counters,
+        )
         self.metrics = ReceiverMetrics(
             counters=self.counters,
             active_streams=lambda: self.active_streams,
@@ -115,6 +132,7 @@ class Receiver:
     async def start(self) -> None:
         """Start the sinks' per-process resources, bind and start accepting streams."""
         s = self.settings
+        self.health.check_now()
         for _, factory in self.sink_factories:
             if isinstance(factory, Lifecycle) and factory not in self._started:
                 await factory.start(s, registry=self.metrics.registry)
@@ -124,31 +142,82 @@ class Receiver:
         gate = make_gate(
             check_token=self._check_token,
             is_draining=lambda: self.draining,
+            health=self.health.problem,
+            connection_gate=self.gate,
             at_capacity=lambda: self.active_streams >= s.max_streams,
             ip_at_capacity=lambda ip: self.per_ip[ip] >= s.max_connections_per_ip,
-            on_reject=lambda why: self.counters.update([f"rejected_{why}"]),
+            on_reject=lambda why: self.counters.add(Count.HANDSHAKE_REJECTIONS, why),
             metrics=self.metrics.render if s.metrics_port is None else None,
         )
         if s.metrics_port is not None:
-            self._metrics_server, _ = start_wsgi_server(
-                s.metrics_port, addr=s.metrics_host, registry=self.metrics.registry
-            )
+            try:
+                self._metrics_server, _ = start_wsgi_server(
+                    s.metrics_port, addr=s.metrics_host, registry=self.metrics.registry
+                )
+            except OSError as exc:
+                problem = exc.strerror or str(exc)
+                raise ListenError(
+                    role="metrics", host=s.metrics_host, port=s.metrics_port, problem=problem
+                ) from None
 
         class Connection(StreamConnection):
             max_message_bytes = s.max_message_bytes
+            gate = self.gate
 
-        self._server = await serve(
+        try:
+            self._server = await self._serve(Connection, gate)
+        except OSError as exc:
+            self._stop_metrics_server()
+            problem = exc.strerror or str(exc)
+            raise ListenError(role="streams", host=s.host, port=s.port, problem=problem) from None
+
+    async def _serve(self, connection: type[StreamConnection], gate: Any) -> Server:
+        """websockets' Server over our own accept loop (``receiver.listener``)."""
+        s = self.settings
+        quiet = QuietInfo(logging.getLogger("websockets.server"))
+        server = serve(
             self._handle,
-            s.host,
-            s.port,
-            ssl=self.ssl_context,
             process_request=gate,
+            process_response=count_refusals(self.gate),
             max_size=s.max_message_bytes,
             compression=None,
             open_timeout=s.handshake_timeout_s,
+            ping_interval=s.ping_interval_s,
+            ping_timeout=s.ping_timeout_s,
+            close_timeout=s.close_timeout_s,
             server_header="receiver",
-            create_connection=Connection,
+            logger=quiet,
+            create_connection=connection,
         )
+
+        def make_connection(handshake: PendingHandshake) -> StreamConnection:
+            # What websockets' own protocol factory builds (websockets/asyncio/server.py).
+            protocol = ServerProtocol(max_size=s.max_message_bytes, logger=quiet)
+            made = connection(
+                protocol,
+                server,
+                ping_interval=s.ping_interval_s,
+                ping_timeout=s.ping_timeout_s,
+                close_timeout=s.close_timeout_s,
+            )
+            made.pending_handshake = handshake
+            return made
+
+        listener = Listener(
+            bind(s.host, s.port),
+            gate=self.gate,
+            protocol_factory=make_connection,
+            tls_context=self.ssl_context,
+            tls_handshake_timeout_s=s.handshake_timeout_s,
+            tls_shutdown_timeout_s=s.close_timeout_s,
+        )
+
+        async def create_server() -> asyncio.Server:
+            listener.start_serving()
+            return cast(asyncio.Server, listener)
+
+        server.create_server = create_server
+        return await server
 
     async def shutdown(self, *, drain_timeout_s: float | None = None) -> None:
         """Stop taking streams, let current ones end for ``drain_timeout_s``, then close the rest
@@ -170,6 +239,9 @@ class Receiver:
         await self._server.wait_closed()
         self._server = None
         await self._stop_resources()
+        self._stop_metrics_server()
+
+    def _stop_metrics_server(self) -> None:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -183,7 +255,7 @@ class Receiver:
     @property
     def active_streams(self) -> int:
         """Connections past the handshake whose handler still runs (files not yet finished)."""
-        return len(self._handlers)
+        return len(self._active)
 
     @property
     def frames_received(self) -> int:
@@ -211,17 +283,28 @@ class Receiver:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
+        ws.handshake_over()
         ip = peer_ip(ws)
         self.per_ip[ip] += 1
         stream = StreamHandler(self, ws)
         self._streams.add(stream)
+        self._active.add(stream)
+
+        def finished() -> None:
+            """Files finished: the stream no longer counts against the limits, even while its
+            close handshake (bounded by the close timeout) goes on."""
+            if stream in self._active:
+                self._active.discard(stream)
+                self.per_ip[ip] -= 1
+                if not self.per_ip[ip]:
+                    del self.per_ip[ip]
+
+        stream.on_finished = finished
         try:
             await stream.run()
         finally:
+            finished()
             self._streams.discard(stream)
-            self.per_ip[ip] -= 1
-            if not self.per_ip[ip]:
-                del self.per_ip[ip]
             self._handlers.discard(task)
 
 
@@ -288,10 +371,11 @@ class StreamHandler:
         self.unknown_events: dict[str, None] = {}
         self.unknown_events_dropped = 0
         self.log = StreamLogger(logger, {"stream_sid": "-"})
+        self.on_finished: Callable[[], None] = lambda: None
 
     def _dropped(self, what: str, count: int, limit: int) -> None:
         """Count what a stream sent past a bound; log the first time only."""
-        self.counters.update(["dropped", f"dropped_{what}"])
+        self.counters.add(Count.DROPPED, what)
         if count == 1:
             bound = f"past {limit}" if limit else "too long"
             self.log.warning("%s %s a stream: counted in stream.json, dropped", what, bound)
@@ -307,26 +391,32 @@ class StreamHandler:
         try:
             end = await self._read()
         except ProtocolError as exc:
-            self.counters.update(["protocol_errors", f"protocol_errors_{exc.kind}"])
-            self.log.warning("closing with %d: %s", exc.close_code, _short(exc.reason, 160))
+            self.counters.add(Count.PROTOCOL_ERRORS, exc.kind)
+            self.log.warning("closing with %d: %s", exc.close_code, shorten(exc.reason, 160))
             end = StreamEnd("protocol-error", exc.close_code, exc.close_reason)
         except RecordingFailed as exc:
             end = self._recording_failed(exc)
         except Exception:
-            self.counters.update(["internal_errors"])
+            self.counters.add(Count.INTERNAL_ERRORS)
             self.log.exception("internal error")
         finally:
             try:
                 end = await self._finish(end)
             finally:
+                self.on_finished()
                 self.ws.release()  # what the client sent after the end: its close, typically
         if end.kind in _WE_CLOSE and end.close_code is not None:
             await self.ws.close(end.close_code, end.reason or "")
+            if isinstance(self.ws.connection_exc, TimeoutError):
+                self.counters.add(Count.CLOSE_TIMEOUTS)
+                self.log.info(
+                    "no close frame back within %g s: connection cut", self.settings.close_timeout_s
+                )
 
     async def _read(self) -> StreamEnd:
         watchdog = Watchdog(self, asyncio.get_running_loop())
         if self.ws.take_over():
-            self.counters["streams_fast_path"] += 1
+            self.counters.add(Count.STREAMS_FAST_PATH)
         try:
             return await self.ws.consume(self._on_messages)
         except ConnectionClosed as exc:
@@ -337,7 +427,6 @@ class StreamHandler:
             task = asyncio.current_task()
             assert task is not None
             task.uncancel()
-            self.counters.update([watchdog.expired.kind.replace("-", "_")])
             self.log.warning("closing: %s", watchdog.expired.reason)
             return watchdog.expired
         finally:
@@ -388,12 +477,12 @@ class StreamHandler:
                 case Connected():
                     pass
                 case UnknownEvent(name=name):
-                    self.counters["unknown_events"] += 1
+                    self.counters.add(Count.UNKNOWN_EVENTS)
                     if name in self.unknown_events:
                         pass
                     elif len(self.unknown_events) < self.settings.max_unknown_events:
                         self.unknown_events[name] = None
-                        self.log.info("skipping unknown event %r", _short(name))
+                        self.log.info("skipping unknown event %r", shorten(name))
                     else:
                         self.unknown_events_dropped += 1
                         self._dropped(
@@ -407,12 +496,19 @@ class StreamHandler:
 
     def _closed(self, exc: ConnectionClosed) -> StreamEnd:
         sent, rcvd = exc.sent, exc.rcvd
+        if self.ws.keepalive_expired:
+            reason = f"no pong within {self.settings.ping_timeout_s:g} s"
+            self.log.warning("closing with 1011: %s", reason)
+            return StreamEnd("keepalive-timeout", CLOSE_INTERNAL_ERROR, reason)
+        if self.ws.write_overflow:
+            reason = "aborted: the client did not read what we sent"
+            return StreamEnd("client-close", 1006, reason)
         if self.receiver.draining and sent is not None and sent.code == CLOSE_GOING_AWAY:
             return StreamEnd("shutdown", CLOSE_GOING_AWAY, "server shutting down")
         if sent is not None and not exc.rcvd_then_sent and sent.code in _FRAME_ERRORS:
             # websockets refused a frame itself: too big, invalid UTF-8, bad framing.
-            self.counters.update(["protocol_errors", "protocol_errors_frame"])
-            self.log.warning("closed with %d: %s", sent.code, _short(sent.reason, 160))
+            self.counters.add(Count.PROTOCOL_ERRORS, "frame")
+            self.log.warning("closed with %d: %s", sent.code, shorten(sent.reason, 160))
             return StreamEnd("protocol-error", sent.code, sent.reason)
         code = rcvd.code if rcvd is not None else 1006
         reason = rcvd.reason if rcvd is not None else "connection lost without a close frame"
@@ -421,7 +517,7 @@ class StreamHandler:
 
     def _start(self, start: Start) -> None:
         """Open the sinks and the session; an undecodable format still gets its record."""
-        self.log = StreamLogger(logger, {"stream_sid": _short(start.stream_sid)})
+        self.log = StreamLogger(logger, {"stream_sid": shorten(start.stream_sid)})
         request = self.ws.request
         target = urlsplit(request.path if request is not None else "/")
         codec, unsupported = None, None
@@ -443,15 +539,15 @@ class StreamHandler:
         self.fanout = Fanout(
             sinks,
             logger=self.log,
-            on_error=lambda name: self.counters.update(["sink_errors", f"sink_errors_{name}"]),
+            on_error=lambda name: self.counters.add(Count.SINK_ERRORS, name),
             on_write_seconds=lambda name: write_seconds.labels(name).observe,
         )
-        self.counters["streams"] += 1
+        self.counters.add(Count.STREAMS)
         self.log.info(
             "stream started: %s %d Hz, tracks %s",
-            _short(start.media_format.encoding),
+            shorten(start.media_format.encoding),
             start.media_format.sample_rate_hz,
-            _short(",".join(start.tracks)),
+            shorten(",".join(start.tracks)),
         )
         self.fanout.open(self.info)
         if not self.fanout.alive:
@@ -473,8 +569,8 @@ class StreamHandler:
 
     def _recording_failed(self, exc: RecordingFailed) -> StreamEnd:
         """Count, log and describe the end of a stream that no sink is left to record."""
-        self.counters.update(["recording_failures"])
-        reason = truncate_utf8(str(exc), MAX_CLOSE_REASON_BYTES)
+        self.counters.add(Count.RECORDING_FAILURES)
+        reason = shorten(str(exc), MAX_CLOSE_REASON_BYTES)
         self.log.error("closing with %d: %s", exc.close_code, reason)
         return StreamEnd("error", exc.close_code, reason)
 
@@ -492,7 +588,7 @@ class StreamHandler:
                 fanout.write(batch.track, batch.position, batch.samples)
         if end.kind == "stop" and not fanout.alive:
             end = self._recording_failed(RecordingFailed(fanout.errors))
-        self.counters[f"ended_{end.kind}"] += 1
+        self.counters.add(Count.STREAMS_ENDED, end.kind)
         rate = self.info.start.media_format.sample_rate_hz
 
         def summary(sink_errors: tuple[str, ...]) -> StreamSummary:
@@ -518,15 +614,27 @@ class StreamHandler:
         self.receiver.metrics.stream_finished(
             session.codec.name if session else "none", stats, duration_s
         )
+        seconds = session.rate if session else rate
         tracks = ", ".join(
-            f"{t} {s.samples / (session.rate if session else rate):.2f} s ({s.gaps} gaps)"
-            for t, s in stats.items()
+            f"{t} {s.samples / seconds:.2f} s ({s.gaps} gaps)" for t, s in stats.items()
         )
+        fields = {
+            "end": end.kind,
+            "close_code": end.close_code,
+            "duration_s": round(duration_s, 3),
+            "messages": self.messages,
+            "tracks": {
+                t: {"duration_s": round(s.samples / seconds, 3), "gaps": s.gaps}
+                for t, s in stats.items()
+            },
+            "files": list(fanout.locations),
+        }
         self.log.info(
             "stream ended (%s) after %.1f s: %s%s",
             end.kind,
             duration_s,
             tracks or "no audio",
             "".join(f"; {where}" for where in fanout.locations),
+            extra={"fields": fields},
         )
         return end

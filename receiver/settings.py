@@ -1,8 +1,8 @@
 """Every setting of the receiver, read once at the edge (the CLI) and passed down as values.
 
 Sources, strongest first: CLI flags (passed as init arguments), ``RECEIVER_*`` environment
-variables, a ``.env`` file in the working directory, the defaults below. This is the only module
-that reads the environment.
+variables, a ``.env`` file in the working directory, the defaults below. The receiver's own
+``RECEIVER_*`` variables are read here only (``receiver streams`` reads ``SIGNALWIRE_*`` itself).
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
+from receiver.codecs import ByteOrder
 from receiver.exceptions import ConfigError
 
 ENV_PREFIX = "RECEIVER_"
 
-ByteOrder = Literal["little", "big"]
 SampleFormat = Literal["pcm16", "native"]
 FileFormat = Literal["wav", "flac"]
 EventLoop = Literal["auto", "asyncio", "uvloop"]
@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     max_custom_parameters: int = Field(default=99, ge=0, le=10_000)
     max_parameter_chars: int = Field(default=4096, ge=16, le=1_000_000)
     # The most silence one jump (of timestamp or chunk) may insert; a larger jump shifts the
-    # track's clock. At most 600: a 600 s gap of 48 kHz L16 is one frame's work for the loop.
+    # track's clock. At most 600, so that what one frame can make stays small.
     max_gap_s: float = Field(default=60.0, gt=0, le=600)
     # Per-stream bounds (issue 11). Defaults sit far above what a real conference sends, so that
     # they only ever stop an attack; past each one the excess is counted in stream.json's
@@ -72,7 +72,8 @@ class Settings(BaseSettings):
     # for 6 hours makes 36 minutes of it. Past it, jumps shift the track's clock instead.
     max_silence_s: float = Field(default=3600.0, gt=0, le=7 * 86_400)
     # Marks and DTMF digits kept a stream: a 6-hour call with a mark or a key press every 3 s is
-    # 7,200. At most ~3.5 MB of stream.json together (names of 256 characters, all escaped).
+    # 7,200. With names of 256 characters the final stream.json stays under ~35 MB even when
+    # every character needs a 12-byte escape; it is written off the event loop.
     max_marks: int = Field(default=10_000, ge=0, le=1_000_000)
     max_dtmf: int = Field(default=10_000, ge=0, le=1_000_000)
     # Longest mark name kept (cut beyond, counted) and longest unknown event name remembered.
@@ -125,6 +126,53 @@ class Settings(BaseSettings):
     # to metrics_host) to keep it off the public interface.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
+    # Connection shell (issue 11): what one connection may hold before and after its
+    # handshake. Handshakes (TLS + HTTP) in progress, overall and from one address; past
+    # either, a new TCP connection is closed at accept.
+    max_pending_handshakes: int = Field(default=1000, ge=1, le=1_000_000)
+    max_pending_handshakes_per_ip: int = Field(default=200, ge=1, le=1_000_000)
+    # Bytes we may hold for a client that does not read (its pongs); past it, it is aborted.
+    max_write_buffer_bytes: int = Field(default=1024 * 1024, ge=64 * 1024, le=1024**3)
+    # Once our close frame is sent, how long the client has to answer it before we cut.
+    close_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    # Keepalive: a ping every ping_interval_s, the stream ends (1011) without a pong in time.
+    ping_interval_s: float = Field(default=20.0, gt=0, le=3600)
+    ping_timeout_s: float = Field(default=20.0, gt=0, le=3600)
+    # /healthz answers 503 below this much free space in the recordings directory.
+    min_free_disk_mb: int = Field(default=256, ge=0, le=1024**3)
+
+    # --- The web page (receiver.web): live streams and recordings, on an address of its own.
+    ui_host: str = "127.0.0.1"
+    # Empty (RECEIVER_UI_PORT=) turns the page off.
+    ui_port: int | None = Field(default=8080, ge=0, le=65535)
+    # Tokens that log in to the page; when empty, any accepted bearer token does.
+    ui_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    # How long a login lasts (the session cookie's expiry).
+    ui_session_s: float = Field(default=12 * 3600.0, ge=60, le=30 * 86_400)
+    # The newest stream directories the list reads; older ones are not listed.
+    ui_max_listed: int = Field(default=10_000, ge=1, le=1_000_000)
+
+    @field_validator("ui_port", mode="before")
+    @classmethod
+    def _empty_port_is_off(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("ui_tokens", mode="before")
+    @classmethod
+    def _split_ui_tokens(cls, value: Any) -> Any:
+        return cls._split_tokens(value)
+
+    @field_validator("ui_tokens")
+    @classmethod
+    def _check_ui_tokens(cls, value: list[SecretStr]) -> list[SecretStr]:
+        return cls._check_tokens(value)
+
+    @property
+    def ui_token_values(self) -> list[str]:
+        """The page's own login tokens, plain; never log them."""
+        return [t.get_secret_value() for t in self.ui_tokens]
+
+    # --- end of the web page's settings.
 
     @field_validator("tokens", mode="before")
     @classmethod
@@ -194,11 +242,14 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_tls_pair(self) -> Settings:
+        # Messages start with the variable: load_settings names it from there.
         if (self.tls_cert is None) != (self.tls_key is None):
-            missing = "TLS_KEY" if self.tls_key is None else "TLS_CERT"
-            raise ValueError(f"{ENV_PREFIX}{missing} must be set together with the other")
+            missing, given = (
+                ("TLS_KEY", "TLS_CERT") if self.tls_key is None else ("TLS_CERT", "TLS_KEY")
+            )
+            raise ValueError(f"{ENV_PREFIX}{missing} must be set together with {ENV_PREFIX}{given}")
         if not self.sinks:
-            raise ValueError(f"{ENV_PREFIX}SINKS names no sink")
+            raise ValueError(f"{ENV_PREFIX}SINKS must name at least one sink")
         if self.webhook_url is not None and self.webhook_secret is None:
             raise ValueError(f"{ENV_PREFIX}WEBHOOK_SECRET must be set with {ENV_PREFIX}WEBHOOK_URL")
         return self
@@ -212,18 +263,32 @@ class Settings(BaseSettings):
 def load_settings(**overrides: Any) -> Settings:
     """Build settings from the environment, ``.env`` and ``overrides`` (CLI flags).
 
-    Raises ``ConfigError`` naming the first invalid variable, for a one-line message.
+    Raises ``ConfigError`` naming the invalid variables, for a one-line message. No value is
+    ever echoed: a token, a Redis password, or a token pasted into the wrong variable would
+    end up in a terminal or a log (pydantic's own errors carry the input, and a model
+    validator's input is every setting).
     """
     cleaned = {k: v for k, v in overrides.items() if v is not None}
     try:
         return Settings(**cleaned)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        location = [str(part) for part in error["loc"] if not isinstance(part, int)]
-        variable = ENV_PREFIX + location[0].upper() if location else "settings"
-        value = error.get("input")
-        # Secrets are never echoed: tokens, and a Redis URL may hold a password.
-        secret = location and location[0] in ("tokens", "redis_url", "webhook_secret")
-        shown = "" if secret else f" (got {value!r})"
-        message = str(error["msg"]).removeprefix("Value error, ")
-        raise ConfigError(variable, f"{message}{shown}") from None
+        errors = exc.errors(include_input=False, include_url=False, include_context=False)
+        problems = [(_variable(error["loc"]), str(error["msg"])) for error in errors]
+    except SettingsError:
+        # pydantic-settings could not parse a variable (its message names the field, the
+        # value stays on the exception's cause, which is not shown).
+        raise ConfigError("settings", "a variable could not be parsed") from None
+    variable, message = problems[0]
+    message = message.removeprefix("Value error, ")
+    if variable == "settings" and message.startswith(ENV_PREFIX):  # a model validator's
+        variable, _, message = message.partition(" ")
+    others = sorted({v for v, _ in problems[1:]} - {variable})
+    if others:
+        message += f" (also invalid: {', '.join(others)})"
+    raise ConfigError(variable, message) from None
+
+
+def _variable(location: tuple[int | str, ...]) -> str:
+    """The variable a pydantic error location names; a model validator names its own."""
+    names = [str(part) for part in location if not isinstance(part, int)]
+    return ENV_PREFIX + names[0].upper() if names else "settings"

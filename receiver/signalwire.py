@@ -22,6 +22,20 @@ import httpx
 from receiver import __version__
 from receiver.exceptions import ReceiverError
 
+__all__ = [
+    "TRACKS",
+    "ApiError",
+    "ApiUnreachable",
+    "ConferenceStream",
+    "ConferenceStreamsClient",
+    "SignalWireError",
+    "StreamRequestInvalid",
+    "StreamTrack",
+    "check_id",
+    "check_space",
+    "stream_form",
+]
+
 StreamTrack = Literal["inbound_track", "outbound_track", "both_tracks"]
 TRACKS: tuple[StreamTrack, ...] = ("inbound_track", "outbound_track", "both_tracks")
 MAX_PARAMETERS = 99
@@ -29,6 +43,7 @@ MAX_PARAMETERS = 99
 # exists on RELAY streams, but the receiver cannot decode it, so it is refused here.
 _CODEC = re.compile(r"(PCMU|PCMA|L16|L16@16000h|L16@24000h)(@\d{1,3}i)?")
 _ID = re.compile(r"[^/?#\s]{1,256}")
+_SPACE = re.compile(r"[A-Za-z0-9-]{1,63}")
 API_ROOT = "/api/laml/2010-04-01"
 
 
@@ -124,6 +139,25 @@ def check_id(field: str, value: str | None) -> str:
     return value
 
 
+def check_space(space: str | None) -> str:
+    """A space name (``example`` of ``example.signalwire.com``), or StreamRequestInvalid."""
+    if not space:
+        raise StreamRequestInvalid("space", "give the space name (or an API URL)")
+    host = space.removeprefix("https://").removeprefix("http://").rstrip("/")
+    if host.lower().endswith(".signalwire.com") and _SPACE.fullmatch(
+        host[: -len(".signalwire.com")]
+    ):
+        name = host[: -len(".signalwire.com")]
+        raise StreamRequestInvalid(
+            "space", f"give the space name alone, without the domain: {name!r}, not {space!r}"
+        )
+    if not _SPACE.fullmatch(space):
+        raise StreamRequestInvalid(
+            "space", "must be the space name: letters, digits and '-' (or give an API URL)"
+        )
+    return space
+
+
 def stream_form(
     *,
     url: str,
@@ -199,14 +233,15 @@ class ConferenceStreamsClient:
         api_url: str | None = None,
         cafile: Path | None = None,
         timeout_s: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
+        """``transport`` replaces the network (``httpx.MockTransport`` in tests); ``cafile``
+        is trusted for the API's certificate instead of the system's CAs."""
         self.project_id = check_id("project id", project_id)
         if not api_token:
             raise StreamRequestInvalid("API token", "is required")
         if api_url is None:
-            if not space or not re.fullmatch(r"[A-Za-z0-9-]{1,63}", space):
-                raise StreamRequestInvalid("space", "give the space name (or an API URL)")
-            api_url = f"https://{space}.signalwire.com"
+            api_url = f"https://{check_space(space)}.signalwire.com"
         verify: ssl.SSLContext | bool = True
         if cafile is not None:
             verify = ssl.create_default_context(cafile=str(cafile))
@@ -215,6 +250,7 @@ class ConferenceStreamsClient:
             auth=(project_id, api_token),
             timeout=timeout_s,
             verify=verify,
+            transport=transport,
             follow_redirects=False,
             headers={"Accept": "application/json", "User-Agent": f"receiver/{__version__}"},
         )

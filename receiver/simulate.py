@@ -11,16 +11,26 @@ import base64
 import json
 import ssl
 import uuid
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidHandshake,
+    InvalidMessage,
+    InvalidStatus,
+    InvalidURI,
+)
 
 from receiver.auth import redact_websockets_logs
 from receiver.codecs import Codec
 from receiver.events import Track
+from receiver.exceptions import ConnectFailed
+
+__all__ = ["Layout", "PlayResult", "build_messages", "frame_messages", "play", "progress_bar"]
 
 Layout = Literal["signalwire", "twilio"]
 
@@ -142,18 +152,20 @@ async def play(
     *,
     token: str | None,
     ssl_context: ssl.SSLContext | None = None,
-    frame_interval_s: float = 0.0,
-    frames_per_interval: int = 1,
+    pace: float = 0.0,
     close_timeout_s: float = 10.0,
+    open_timeout_s: float = 10.0,
     progress: Callable[[int, int], None] | None = None,
 ) -> PlayResult:
     """Send ``messages`` over one WebSocket, as the platform would, and wait for the close.
 
-    With ``frame_interval_s`` the media messages are paced like a live call
-    (``frames_per_interval`` messages per interval: 2 for both tracks). After a ``stop`` the
-    client waits for the server to close, which it does once every file is finished; without
-    one it closes the connection itself, like a hang-up. ``progress(sent, total)`` is called
-    after each message.
+    With ``pace`` each media message goes out ``pace`` wall-clock seconds per second of its
+    ``media.timestamp`` after the first (1.0: real time, 2.0: half speed; 0: at once). The
+    timestamp, not a count of messages, sets the pace, so a stream keeps its speed after its
+    shorter track has ended. After a ``stop`` the client waits for the server to close, which
+    it does once every file is finished; without one it closes the connection itself, like a
+    hang-up. ``progress(sent, total)`` is called after each message. A receiver that cannot
+    be reached or refuses the handshake raises ``ConnectFailed`` with a one-line reason.
     """
     messages = list(messages)
     redact_websockets_logs()
@@ -161,25 +173,27 @@ async def play(
     sent = 0
     saw_stop = False
     loop = asyncio.get_running_loop()
-    async with connect(
-        url,
-        additional_headers=headers,
-        ssl=ssl_context if url.startswith("wss:") else None,
-        compression=None,
-        max_size=None,
-        close_timeout=close_timeout_s,
-    ) as ws:
+    try:
+        ws = await connect(
+            url,
+            additional_headers=headers,
+            ssl=ssl_context if url.startswith("wss:") else None,
+            compression=None,
+            max_size=None,
+            open_timeout=open_timeout_s,
+            close_timeout=close_timeout_s,
+        )
+    except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+        raise ConnectFailed(url, connect_problem(url, exc, open_timeout_s=open_timeout_s)) from None
+    async with ws:
         started = loop.time()
-        media_sent = 0
         try:
             for message in messages:
-                event = _event_name(message)
-                if frame_interval_s and event == "media":
-                    due = started + (media_sent // frames_per_interval) * frame_interval_s
-                    delay = due - loop.time()
+                event, timestamp_ms = _event_and_timestamp(message)
+                if pace and timestamp_ms is not None:
+                    delay = started + timestamp_ms / 1000 * pace - loop.time()
                     if delay > 0:
                         await asyncio.sleep(delay)
-                    media_sent += 1
                 await ws.send(message)
                 sent += 1
                 if progress is not None:
@@ -193,6 +207,37 @@ async def play(
     return PlayResult(ws.close_code, ws.close_reason, sent)
 
 
+def connect_problem(url: str, exc: BaseException, *, open_timeout_s: float) -> str:
+    """Why ``connect(url)`` failed, in one line with what to do about it."""
+    target = urlsplit(url)
+    where = f"{target.hostname}:{target.port or (443 if target.scheme == 'wss' else 80)}"
+    if isinstance(exc, InvalidStatus):
+        status = exc.response.status_code
+        if status == 401:
+            return "the receiver refused the bearer token (HTTP 401): check --token/RECEIVER_TOKENS"
+        return f"the receiver refused the stream with HTTP {status}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"the certificate of {where} is not trusted ({exc.verify_message}): pass --cafile "
+            "with the receiver's certificate or its CA (a development receiver's is "
+            ".receiver/dev-cert.pem where it runs)"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS with {where} failed ({exc.reason or exc}): is it a wss:// (TLS) port?"
+    if isinstance(exc, InvalidMessage):
+        hint = " (a TLS port? use wss://)" if target.scheme == "ws" else ""
+        return f"{where} did not answer the upgrade as a WebSocket server{hint}"
+    if isinstance(exc, InvalidURI):
+        return "not a ws:// or wss:// URL"
+    if isinstance(exc, TimeoutError):
+        return f"no WebSocket handshake with {where} within {open_timeout_s:g} s"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"nothing listens on {where} (is `receiver serve` running there?)"
+    if isinstance(exc, OSError):
+        return f"cannot connect to {where}: {exc.strerror or exc}"
+    return f"the WebSocket handshake with {where} failed: {exc}"
+
+
 def progress_bar(sent: int, total: int, *, seconds: float, width: int = 30) -> str:
     """One line of progress: ``[#####.....]  50%  3.0 / 6.0 s``."""
     done = sent / total if total else 1.0
@@ -203,20 +248,18 @@ def progress_bar(sent: int, total: int, *, seconds: float, width: int = 30) -> s
     )
 
 
-def _event_name(message: str) -> str | None:
+def _event_and_timestamp(message: str) -> tuple[str | None, int | None]:
+    """The message's ``event``, and ``media.timestamp`` in ms for a media message."""
     try:
         value = json.loads(message)
     except ValueError:
-        return None
-    return value.get("event") if isinstance(value, dict) else None
-
-
-def parse_params(pairs: Sequence[str]) -> dict[str, str]:
-    """``k=v`` strings into a dict (the simulator's ``--param``)."""
-    params: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--param takes key=value, got {pair!r}")
-        params[key] = value
-    return params
+        return None, None
+    if not isinstance(value, dict):
+        return None, None
+    event = value.get("event")
+    media = value.get("media")
+    timestamp = media.get("timestamp") if event == "media" and isinstance(media, dict) else None
+    try:
+        return event, None if timestamp is None else int(timestamp)
+    except (TypeError, ValueError):
+        return event, None

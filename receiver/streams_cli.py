@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from receiver.exceptions import ConfigError
 from receiver.signalwire import (
@@ -21,7 +21,11 @@ from receiver.signalwire import (
     ConferenceStreamsClient,
     SignalWireError,
     StreamRequestInvalid,
+    check_space,
 )
+from receiver.text import parse_pairs
+
+__all__ = ["add_streams_parser", "run_streams"]
 
 
 def add_streams_parser(sub: Any) -> None:
@@ -36,7 +40,7 @@ def add_streams_parser(sub: Any) -> None:
         parser.add_argument("--api-token", help="API token (SIGNALWIRE_API_TOKEN; prefer the env)")
         parser.add_argument("--api-url", help="base URL override (SIGNALWIRE_API_URL)")
         parser.add_argument("--cafile", type=Path, help="trust this CA for the API")
-        parser.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+        parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait")
         parser.add_argument("--json", action="store_true", help="print the stream as JSON")
 
     create = actions.add_parser("create", help="stream a conference to a receiver")
@@ -57,7 +61,11 @@ def add_streams_parser(sub: Any) -> None:
         "--bearer-token", help="token the platform presents (default: first of RECEIVER_TOKENS)"
     )
     create.add_argument("--status-callback", help="URL told when the stream starts/stops")
-    create.add_argument("--status-callback-method", choices=["GET", "POST"])
+    create.add_argument(
+        "--status-callback-method",
+        choices=["GET", "POST"],
+        help="the HTTP method it is called with",
+    )
     create.set_defaults(func=run_streams)
 
     stop = actions.add_parser("stop", help="stop a conference stream")
@@ -71,8 +79,16 @@ def add_streams_parser(sub: Any) -> None:
 def run_streams(args: argparse.Namespace) -> int:
     """Run ``streams create`` or ``streams stop``; returns the exit code."""
     try:
-        with _client(args) as client:
+        client = _client(args)
+        with client:
             if args.action == "create":
+                bearer_token = args.bearer_token or _receiver_token()
+                if bearer_token is None:
+                    raise StreamRequestInvalid(
+                        "--bearer-token",
+                        "give it, or set RECEIVER_TOKENS: without one the platform would "
+                        "connect with no token and the receiver would refuse it (401)",
+                    )
                 stream = client.create(
                     conference_sid=args.conference,
                     url=args.url,
@@ -81,7 +97,7 @@ def run_streams(args: argparse.Namespace) -> int:
                     codec=args.codec,
                     real_time=args.real_time,
                     parameters=_params(args.param),
-                    bearer_token=args.bearer_token or _receiver_token(),
+                    bearer_token=bearer_token,
                     status_callback=args.status_callback,
                     status_callback_method=args.status_callback_method,
                 )
@@ -104,16 +120,29 @@ def run_streams(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> ConferenceStreamsClient:
+    """The client from flags and ``SIGNALWIRE_*``; every missing credential named at once."""
     project_id = args.project_id or os.environ.get("SIGNALWIRE_PROJECT_ID")
     api_token = args.api_token or os.environ.get("SIGNALWIRE_API_TOKEN")
     space = args.space or os.environ.get("SIGNALWIRE_SPACE")
     api_url = args.api_url or os.environ.get("SIGNALWIRE_API_URL")
-    if not project_id:
-        raise_usage("set SIGNALWIRE_PROJECT_ID (or --project-id)")
-    if not api_token:
-        raise_usage("set SIGNALWIRE_API_TOKEN (or --api-token)")
-    if not space and not api_url:
-        raise_usage("set SIGNALWIRE_SPACE (or --space, or SIGNALWIRE_API_URL)")
+    missing = [
+        name
+        for name, value in (
+            ("SIGNALWIRE_PROJECT_ID (or --project-id)", project_id),
+            ("SIGNALWIRE_API_TOKEN (or --api-token)", api_token),
+            ("SIGNALWIRE_SPACE (or --space, or SIGNALWIRE_API_URL)", space or api_url),
+        )
+        if not value
+    ]
+    if missing or not project_id or not api_token:
+        raise StreamRequestInvalid("credentials", "set " + ", ".join(missing))
+    if space and not api_url:
+        try:
+            check_space(space)
+        except StreamRequestInvalid as exc:
+            raise StreamRequestInvalid("SIGNALWIRE_SPACE (--space)", exc.problem) from None
+    if args.cafile is not None and not args.cafile.is_file():
+        raise StreamRequestInvalid("--cafile", f"no such file: {args.cafile}")
     return ConferenceStreamsClient(
         project_id=project_id,
         api_token=api_token,
@@ -124,19 +153,11 @@ def _client(args: argparse.Namespace) -> ConferenceStreamsClient:
     )
 
 
-def raise_usage(problem: str) -> NoReturn:
-    """Missing credentials are a usage error (exit 2)."""
-    raise StreamRequestInvalid("credentials", problem)
-
-
 def _params(pairs: list[str]) -> list[tuple[str, str]]:
-    params = []
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise StreamRequestInvalid("--param", f"takes key=value, got {pair!r}")
-        params.append((key, value))
-    return params
+    try:
+        return parse_pairs(pairs)
+    except ValueError as exc:
+        raise StreamRequestInvalid("--param", str(exc)) from None
 
 
 def _receiver_token() -> str | None:
@@ -145,6 +166,8 @@ def _receiver_token() -> str | None:
 
     try:
         tokens = load_settings().token_values
-    except ConfigError:
+    except ConfigError as exc:
+        if exc.variable == "RECEIVER_TOKENS":
+            raise  # an invalid token is worth saying (it is never echoed)
         return None
     return tokens[0] if tokens else None

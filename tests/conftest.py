@@ -34,6 +34,16 @@ SENTENCES = {
 }
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--screenshots DIR``: where tests/test_web.py saves the web page's screenshots."""
+    parser.addoption(
+        "--screenshots",
+        metavar="DIR",
+        default=None,
+        help="save the web page's screenshots to DIR (docs to update the README's)",
+    )
+
+
 @pytest.fixture(autouse=True)
 def _hermetic_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No RECEIVER_* or SIGNALWIRE_* variable of the developer's shell leaks into a test."""
@@ -207,6 +217,7 @@ def receiver_cmd(*args: str) -> list[str]:
 def env_with(**values: str) -> dict[str, str]:
     """This process's environment without RECEIVER_* variables, plus ``values``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECEIVER_")}
+    env["RECEIVER_UI_PORT"] = ""  # the web page is off unless a test turns it on
     env.update(values)
     return env
 
@@ -235,12 +246,12 @@ class Served:
         self.port = free_port()
         self.log = cwd / "serve.log"
         self.cwd = cwd
-        self.env = env_with(
-            RECEIVER_PORT=str(self.port),
-            RECEIVER_HOST="127.0.0.1",
-            RECEIVER_DRAIN_TIMEOUT_S="1",
-            **env,
-        )
+        defaults = {
+            "RECEIVER_PORT": str(self.port),
+            "RECEIVER_HOST": "127.0.0.1",
+            "RECEIVER_DRAIN_TIMEOUT_S": "1",
+        }
+        self.env = env_with(**{**defaults, **env})
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(
                 receiver_cmd("serve"),

@@ -4,6 +4,8 @@ It enforces the documented contract (Basic auth ``project_id:api_token``, the pa
 form-encoded body with only the documented fields, ``Parameter{N}.Name/Value`` numbered from 1
 without holes up to 99, a ``wss://`` Url) and answers in the documented shape. Tests can make
 it fail the next request with a given status, answer slowly, or act on a created stream.
+``mock_transport`` serves the same fake in process (``httpx.MockTransport``); ``serve`` over a
+real socket, for the command line in a subprocess.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
+
+import httpx
 
 FIELDS = {
     "Url",
@@ -158,6 +162,35 @@ def update(
     return error(404, f"Stream {which} was not found", 20404)
 
 
+def answer(
+    fake: FakeSignalWire, method: str, path: str, headers: dict[str, str], body: bytes
+) -> tuple[int, str, bytes]:
+    """Record the request and answer it: status, content type, body (both transports)."""
+    fake.requests.append(
+        Received(method, path, headers, parse_qsl(body.decode(), keep_blank_values=True))
+    )
+    if fake.fail_next:
+        status, payload = fake.fail_next.pop(0)
+    else:
+        status, payload = handle(fake, method, path, headers, body)
+    if isinstance(payload, bytes):
+        return status, "text/html", payload
+    return status, "application/json", json.dumps(payload).encode()
+
+
+def mock_transport(fake: FakeSignalWire) -> httpx.MockTransport:
+    """``fake`` in process, for ``ConferenceStreamsClient(transport=...)``: no socket, no TLS."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        path = request.url.raw_path.decode()
+        status, ctype, data = answer(fake, request.method, path, headers, request.read())
+        return httpx.Response(status, content=data, headers={"Content-Type": ctype})
+
+    fake.base_url = "https://fake.signalwire.test"
+    return httpx.MockTransport(handler)
+
+
 def serve(fake: FakeSignalWire, cert: Path, key: Path) -> ThreadingHTTPServer:
     """Serve ``fake`` over HTTPS on a free loopback port, in a daemon thread."""
 
@@ -172,20 +205,10 @@ def serve(fake: FakeSignalWire, cert: Path, key: Path) -> ThreadingHTTPServer:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length)
             headers = {k.lower(): v for k, v in self.headers.items()}
-            fake.requests.append(
-                Received(
-                    method, self.path, headers, parse_qsl(body.decode(), keep_blank_values=True)
-                )
-            )
+            status, ctype, data = answer(fake, method, self.path, headers, body)
             if fake.delay_s:
-                time.sleep(fake.delay_s)
-            if fake.fail_next:
-                status, payload = fake.fail_next.pop(0)
-            else:
-                status, payload = handle(fake, method, self.path, headers, body)
-            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                time.sleep(fake.delay_s)  # the request took effect; its answer comes late
             self.send_response(status)
-            ctype = "text/html" if isinstance(payload, bytes) else "application/json"
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import re
 import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +17,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import env_with, receiver_cmd, run, run_receiver
+from tests.conftest import env_with, free_port, receiver_cmd, run, run_receiver
 
 
 @pytest.mark.parametrize(
@@ -135,8 +140,6 @@ def test_event_loop_setting(served: Any, choice: str, loop: str) -> None:
 def test_json_logs_carry_the_stream_sid(served: Any, tmp_path: Path, tls_files: Any) -> None:
     """With RECEIVER_LOG_FORMAT=json every line is JSON; stream lines carry stream_sid, and the
     last one says where the files are."""
-    import json
-
     server = served(
         RECEIVER_LOG_FORMAT="json",
         RECEIVER_TOKENS="t" * 20,
@@ -218,3 +221,207 @@ def test_simulate_shows_progress_on_a_terminal(served: Any, tmp_path: Path, tls_
     assert "100%" in text and "2.0 / 2.0 s" in text
     assert "[" + "#" * 30 + "]" in text
     assert server.stop() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# As a newcomer finds it (issue 12): errors, help and defaults of every command.
+
+ROOT = Path(__file__).parent.parent
+
+
+def tone_wav(path: Path, seconds: float, *, rate: int = 8000, channels: int = 1) -> Path:
+    """A sine tone made with sox."""
+    run("sox", "-n", "-r", rate, "-c", channels, "-b", "16", path, "synth", seconds, "sine", "440")
+    return path
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The only line of stderr (a traceback, or several lines, fail the test)."""
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_help_reads_as_a_newcomer_needs(tmp_path: Path) -> None:
+    """`receiver --help` names all six commands in plain words; every option of every command
+    has help, defaults are shown; `serve --help` names RECEIVER_TOKENS."""
+    top = run_receiver("--help", cwd=tmp_path)
+    assert top.returncode == 0
+    for command in ("serve", "repair", "health", "simulate", "streams", "consume"):
+        assert re.search(rf"^\s+{command}\s+\S", top.stdout, re.M), top.stdout
+    assert "``" not in top.stdout and "composition root" not in top.stdout
+    simulate = run_receiver("simulate", "--help", cwd=tmp_path).stdout
+    assert "(default: pcmu)" in simulate and "(default: signalwire)" in simulate
+    assert "(default: 20)" in simulate
+    serve = run_receiver("serve", "--help", cwd=tmp_path).stdout
+    assert "RECEIVER_TOKENS" in serve
+
+    from receiver.cli import build_parser
+
+    def parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    yield from parsers(child)
+
+    for parser in parsers(build_parser()):
+        for action in parser._actions:
+            if not isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                assert action.help, f"{parser.prog} {action.option_strings or action.dest}"
+
+
+def test_simulate_finds_the_receiver_from_its_settings(served: Any, tmp_path: Path) -> None:
+    """Without --url, `simulate` plays into the receiver RECEIVER_HOST/RECEIVER_PORT name."""
+    server = served(RECEIVER_TOKENS="t" * 20)
+    server.wait_listening()
+    tone = tone_wav(tmp_path / "tone.wav", 0.2)
+    sim = run_receiver(
+        "simulate", str(tone), "--stream-sid", "by-port", cwd=tmp_path, env=server.env
+    )
+    assert sim.returncode == 0, sim.stderr
+    assert f"wss://localhost:{server.port}/" in sim.stdout
+    assert server.stop() == 0
+    assert (tmp_path / "recordings" / "by-port" / "inbound.wav").is_file()
+
+
+def test_simulate_failures_are_one_line_with_the_right_exit_code(
+    served: Any, tmp_path: Path, tls_files: Any
+) -> None:
+    """Each way `simulate` can fail is one line on stderr, no traceback: exit 2 for usage
+    (a URL that is not ws(s)://, --frame-ms 0, a missing or stereo WAV), 1 at run time (a
+    wrong token, ws:// to the TLS port, nothing listening, an untrusted certificate)."""
+    server = served(
+        RECEIVER_TOKENS="t" * 20,
+        RECEIVER_TLS_CERT=str(tls_files.cert),
+        RECEIVER_TLS_KEY=str(tls_files.key),
+    )
+    server.wait_listening()
+    tone = tone_wav(tmp_path / "tone.wav", 0.1)
+    stereo = tone_wav(tmp_path / "stereo.wav", 0.1, channels=2)
+    port = server.port
+    trusted = ["--cafile", str(tls_files.cert)]
+    cases: list[tuple[list[str], int, str]] = [
+        ([str(tone), "--url", f"https://localhost:{port}/", *trusted], 2, "wss://"),
+        ([str(tone), "--frame-ms", "0", *trusted], 2, "--frame-ms"),
+        ([str(tmp_path / "missing.wav"), *trusted], 2, "no such file"),
+        ([str(stereo), *trusted], 2, "remix 1"),
+        ([str(tone), "--token", "w" * 20, *trusted], 1, "401"),
+        ([str(tone), "--url", f"ws://localhost:{port}/", *trusted], 1, "wss://"),
+        ([str(tone), "--url", f"wss://localhost:{free_port()}/", *trusted], 1, "nothing listens"),
+        ([str(tone)], 1, "--cafile"),
+    ]
+    for args, code, words in cases:
+        result = run_receiver("simulate", *args, cwd=tmp_path, env=server.env)
+        line = one_line(result)
+        assert result.returncode == code, (args, line)
+        assert words in line, (args, line)
+        assert "t" * 20 not in line
+    assert server.stop() == 0
+
+
+def test_simulate_realtime_keeps_time_after_the_shorter_track(served: Any, tmp_path: Path) -> None:
+    """`--realtime` with a 1 s track and a 0.1 s one takes 1 s of the receiver's clock (it took
+    0.55 s: pacing counted messages, two a frame, also after the short track had ended)."""
+    server = served(RECEIVER_TOKENS="t" * 20)
+    server.wait_listening()
+    long = tone_wav(tmp_path / "long.wav", 1.0)
+    short = tone_wav(tmp_path / "short.wav", 0.1)
+    args = ["simulate", str(long), str(short), "--realtime", "--stream-sid", "paced"]
+    sim = run_receiver(*args, cwd=tmp_path, env=server.env)
+    assert sim.returncode == 0, sim.stderr
+    assert server.stop() == 0
+    record = json.loads((tmp_path / "recordings" / "paced" / "stream.json").read_text())
+    started, ended = (datetime.fromisoformat(record[k]) for k in ("started_at", "ended_at"))
+    # A lower bound only: a loaded machine makes it slower, never faster.
+    assert (ended - started).total_seconds() >= 0.95
+
+
+def test_health_probes_the_address_the_receiver_binds(served: Any, tmp_path: Path) -> None:
+    """`health` probes RECEIVER_HOST (here 127.0.0.2), not always 127.0.0.1."""
+    server = served(RECEIVER_TOKENS="t" * 20, RECEIVER_HOST="127.0.0.2")
+    server.wait_listening()
+    health = run_receiver("health", cwd=tmp_path, env=server.env)
+    assert health.returncode == 0, health.stderr
+    assert f"127.0.0.2:{server.port}: 200" in health.stdout
+    assert server.stop() == 0
+
+
+def test_swapped_certificate_and_key_say_so(tmp_path: Path, tls_files: Any) -> None:
+    """RECEIVER_TLS_CERT and RECEIVER_TLS_KEY given the other way round: one line saying so,
+    exit 2 (it was OpenSSL's "[SSL] PEM lib")."""
+    env = env_with(
+        RECEIVER_TOKENS="t" * 20,
+        RECEIVER_TLS_CERT=str(tls_files.key),
+        RECEIVER_TLS_KEY=str(tls_files.cert),
+        RECEIVER_PORT=str(free_port()),
+    )
+    result = run_receiver("serve", cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    assert "swapped" in one_line(result)
+
+
+def test_vad_example_creates_the_recordings_directory(tmp_path: Path, tls_files: Any) -> None:
+    """examples/vad.py records into a recordings directory that does not exist yet and prints
+    the speech it heard."""
+    recordings = tmp_path / "new" / "recordings"
+    port = free_port()
+    env = env_with(
+        RECEIVER_TOKENS="t" * 20,
+        RECEIVER_TLS_CERT=str(tls_files.cert),
+        RECEIVER_TLS_KEY=str(tls_files.key),
+        RECEIVER_HOST="127.0.0.1",
+        RECEIVER_PORT=str(port),
+        RECEIVER_RECORDINGS_DIR=str(recordings),
+    )
+    with (
+        (tmp_path / "vad.log").open("w") as log,
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "examples" / "vad.py")],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        ) as vad,
+    ):
+        assert vad.stdout is not None
+        try:
+            ready = vad.stdout.readline()  # blocks until vad.py says it listens (or exits)
+            assert "listening" in ready, (tmp_path / "vad.log").read_text()
+            tone = tone_wav(tmp_path / "tone.wav", 1.0)
+            sim = run_receiver(
+                *("simulate", str(tone), "--stream-sid", "vad", "--cafile", str(tls_files.cert)),
+                cwd=tmp_path,
+                env=env,
+            )
+            assert sim.returncode == 0, sim.stderr
+            assert "inbound speech" in vad.stdout.readline()
+        finally:
+            vad.terminate()
+    assert (recordings / "vad" / "inbound.wav").is_file()
+
+
+def test_credentials_of_a_new_clone_stay_out_of_git() -> None:
+    """`.receiver/` (the development key) is ignored by git; the README explains the
+    recordings directory's `.in-progress/`."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", ".receiver/dev-key.pem"], cwd=ROOT, check=False
+    )
+    assert ignored.returncode == 0
+    assert ".in-progress/" in (ROOT / "README.md").read_text()
+
+
+def test_readme_docker_run_can_write_its_recordings() -> None:
+    """The README's `docker run` with a bind-mounted recordings directory says how the
+    image's user (uid 10001) gets to write there: chown, or --user with its own volumes."""
+    readme = (ROOT / "README.md").read_text()
+    production = readme[readme.index("## Production") :]
+    assert 'docker run -p 8443:8443 -e RECEIVER_TOKENS=… -v "$PWD/recordings:/recordings"' in (
+        production
+    )
+    assert "sudo chown 10001 recordings" in production
+    assert '--user "$(id -u)"' in production and '-v "$PWD/state:/state"' in production

@@ -200,7 +200,7 @@ async def test_bad_token_is_401_and_writes_nothing(
             pass
     assert info.value.response.status_code == 401
     assert list_tree(receiver) == []
-    assert receiver.counters["rejected_auth"] == 1
+    assert receiver.counters["handshake_rejections", "auth"] == 1
 
 
 async def test_token_in_query_string_is_not_accepted(
@@ -385,7 +385,7 @@ async def test_bad_stream_beside_good_one_leaves_good_one_intact(
     encoded = sox_encode(speech["inbound"].wav[8000], "ul", tmp_path / "in.ul")
     good = build_messages(codec=PCMU, tracks={"inbound": encoded}, stream_sid="good")
     good_play = asyncio.create_task(
-        play(url(receiver), good, token=TOKEN, ssl_context=client_ssl, frame_interval_s=0.002)
+        play(url(receiver), good, token=TOKEN, ssl_context=client_ssl, pace=0.1)
     )
     bad = [start_frame("bad"), "{garbage"]
     code, _ = await send_raw(receiver, client_ssl, bad)
@@ -549,7 +549,7 @@ async def test_oversized_message_is_1009_and_keeps_audio(
     samples, _ = read_wav(directory / "inbound.wav")
     np.testing.assert_array_equal(samples, PCMU.decode(audio))
     assert record_of(directory)["end"]["kind"] == "protocol-error"
-    assert receiver.counters["protocol_errors_frame"] == 1
+    assert receiver.counters["protocol_errors", "frame"] == 1
 
 
 async def test_invalid_utf8_text_frame_is_1007(
@@ -608,7 +608,7 @@ async def test_frames_sent_with_the_handshake_stay_with_websockets(
     async with asyncio.timeout(10):
         answer = await reader.readuntil(b"\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 101")
-        while receiver.counters["ended_stop"] == 0:
+        while receiver.counters["streams_ended", "stop"] == 0:
             await asyncio.sleep(0.01)
     writer.close()
     await wait_idle(receiver)
@@ -678,7 +678,7 @@ async def test_failing_sink_leaves_the_others_complete(
     assert memory[0].summary is not None and memory[0].summary.end.kind == "stop"
     errors = record_of(directory)["sink_errors"]
     assert len(errors) == 1 and "broken" in errors[0] and "No space left" in errors[0]
-    assert receiver.counters["sink_errors_broken"] == 1
+    assert receiver.counters["sink_errors", "broken"] == 1
 
 
 async def test_connections_per_address_limit_answers_429(
@@ -695,7 +695,7 @@ async def test_connections_per_address_limit_answers_429(
             async with connect(url(receiver), ssl=client_ssl, additional_headers=headers):
                 pass
     assert info.value.response.status_code == 429
-    assert receiver.counters["rejected_ip_limit"] == 1
+    assert receiver.counters["handshake_rejections", "ip_limit"] == 1
     await wait_idle(receiver)
     assert not receiver.per_ip
 
@@ -747,8 +747,7 @@ async def test_metrics_move_during_a_stream(
             messages,
             token=TOKEN,
             ssl_context=client_ssl,
-            frame_interval_s=0.005,
-            frames_per_interval=2,
+            pace=0.25,
         )
     )
     seen = []
@@ -828,9 +827,7 @@ async def test_max_stream_duration_closes_a_busy_stream(
     audio = PCMU.encode(np.full(8000 * 3, 700, dtype=np.int16))
     messages = build_messages(codec=PCMU, tracks={"inbound": audio}, stream_sid="long")
     # Half real time: the wall clock reaches 0.5 s while the timestamps stand near 250 ms.
-    result = await play(
-        url(receiver), messages, token=TOKEN, ssl_context=client_ssl, frame_interval_s=0.04
-    )
+    result = await play(url(receiver), messages, token=TOKEN, ssl_context=client_ssl, pace=2.0)
     assert result.close_code == 1008
     assert "max stream duration" in (result.close_reason or "")
     directory = recording(receiver, "long")
@@ -888,7 +885,7 @@ async def test_stream_whose_only_sink_failed_ends_with_1011(
     assert "recording failed: " in (result.close_reason or "")
     await wait_idle(receiver)
     assert receiver.counters["recording_failures"] == 1
-    assert receiver.counters["sink_errors_only"] == 1
+    assert receiver.counters["sink_errors", "only"] == 1
     assert await healthz(receiver, client_ssl) == 200
 
 

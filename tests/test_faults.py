@@ -48,8 +48,8 @@ async def test_write_error_ends_only_that_stream(
         codec=PCMU, tracks={"inbound": PCMU.encode(short_audio)}, stream_sid="short"
     )
     long_result, short_result = await asyncio.gather(
-        play(url, long_stream, token=TOKEN, ssl_context=client_ssl, frame_interval_s=0.001),
-        play(url, short_stream, token=TOKEN, ssl_context=client_ssl, frame_interval_s=0.001),
+        play(url, long_stream, token=TOKEN, ssl_context=client_ssl, pace=0.05),
+        play(url, short_stream, token=TOKEN, ssl_context=client_ssl, pace=0.05),
     )
     assert long_result.close_code == 1011
     assert "recording failed" in (long_result.close_reason or "")

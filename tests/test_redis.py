@@ -111,8 +111,7 @@ async def stream_through(
     messages: list[str],
     factory: Any,
     *,
-    frame_interval_s: float = 0.0,
-    frames_per_interval: int = 2,
+    pace: float = 0.0,
 ) -> Receiver:
     """Play ``messages`` into a receiver with the wav and redis sinks; wait until it is idle."""
     receiver = await start_receiver(sink_factories=[("wav", WavSink.from_settings), factory])
@@ -121,8 +120,7 @@ async def stream_through(
         messages,
         token=TOKEN,
         ssl_context=client_ssl,
-        frame_interval_s=frame_interval_s,
-        frames_per_interval=frames_per_interval,
+        pace=pace,
     )
     assert result.close_code == 1000, result
     await wait_idle(receiver)
@@ -279,9 +277,7 @@ async def test_redis_never_started_leaves_wav_complete_and_names_the_error(
     encoded = sox_encode(speech["inbound"].wav[8000], "ul", tmp_path / "in.ul")[:12_000]
     messages = build_messages(codec=PCMU, tracks={"inbound": encoded}, stream_sid="no-redis")
     factory = ("redis", redis_factory(f"redis://127.0.0.1:{free_port()}/0", "t"))
-    receiver = await stream_through(
-        start_receiver, client_ssl, messages, factory, frame_interval_s=0.02, frames_per_interval=1
-    )
+    receiver = await stream_through(start_receiver, client_ssl, messages, factory, pace=1.0)
     directory = recording(receiver, "no-redis")
     samples, _ = read_wav(directory / "inbound.wav")
     np.testing.assert_array_equal(samples, sox_decode(tmp_path / "in.ul", "ul")[:12_000])
@@ -290,7 +286,7 @@ async def test_redis_never_started_leaves_wav_complete_and_names_the_error(
     assert len(record["sink_errors"]) == 1
     assert "sink 'redis' failed" in record["sink_errors"][0]
     assert "Redis unreachable" in record["sink_errors"][0]
-    assert receiver.counters["sink_errors_redis"] == 1
+    assert receiver.counters["sink_errors", "redis"] == 1
 
 
 async def test_a_bad_redis_url_costs_the_redis_sink_only(
@@ -330,9 +326,7 @@ async def test_redis_stopped_mid_stream_leaves_wav_complete_and_names_the_error(
         await asyncio.to_thread(own_redis.stop)
 
     stopper = asyncio.create_task(stop_redis())
-    receiver = await stream_through(
-        start_receiver, client_ssl, messages, factory, frame_interval_s=0.02
-    )
+    receiver = await stream_through(start_receiver, client_ssl, messages, factory, pace=1.0)
     await stopper
     directory = recording(receiver, "redis-gone")
     for track in ("inbound", "outbound"):
@@ -519,8 +513,7 @@ async def test_redis_restarted_mid_stream_rebuild_holds_all_outside_the_outage_a
         messages,
         token=TOKEN,
         ssl_context=client_ssl,
-        frame_interval_s=0.02,
-        frames_per_interval=2,
+        pace=1.0,
         progress=progress,
     )
     assert result.close_code == 1000, result

@@ -9,7 +9,7 @@ from numpy.typing import NDArray
 from receiver.codecs import CLI_CODECS, codec_for
 from receiver.events import Dtmf, Mark, Media, MediaFormat, Start, StreamSid, Track
 from receiver.exceptions import LimitExceeded, MalformedMessage
-from receiver.session import AudioBatch, Session
+from receiver.session import AudioBatch, Session, is_gap_fill
 
 L16 = codec_for(MediaFormat("audio/x-l16", 8000))
 PCMU = codec_for(CLI_CODECS["pcmu"])
@@ -153,7 +153,7 @@ def test_batches_are_cut_by_time_and_contiguous() -> None:
 
 
 def test_long_gap_is_handed_out_in_bounded_views() -> None:
-    """A 1-minute gap is filled with silence batches of at most 1 s each."""
+    """A 1-minute gap is filled with silence batches of at most 10 s each, views of one block."""
     s = session()
     batches = [
         *s.media(frame("inbound", 1, 0, ramp(0))),
@@ -161,8 +161,11 @@ def test_long_gap_is_handed_out_in_bounded_views() -> None:
     ]
     silence = [b for b in batches if not b.samples.any()]
     assert sum(len(b.samples) for b in silence) == 60 * 8000 - 160
-    assert max(len(b.samples) for b in silence) <= 8000
+    assert max(len(b.samples) for b in silence) <= 10 * 8000
+    assert len(silence) == 6
     assert all(not b.samples.flags.writeable for b in silence)
+    assert all(is_gap_fill(b.samples) for b in silence)
+    assert not any(is_gap_fill(b.samples) for b in batches if b.samples.any())
 
 
 def test_frame_beyond_max_duration_is_refused() -> None:

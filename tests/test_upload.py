@@ -122,9 +122,7 @@ async def test_the_store_down_across_a_streams_end_uploads_once_it_is_back(
     first = build_messages(codec=PCMU, tracks=encoded, stream_sid="across-1")
     second = build_messages(codec=PCMU, tracks=encoded, stream_sid="during-2")
 
-    playing = asyncio.create_task(
-        record(receiver, client_ssl, first, frame_interval_s=0.02, frames_per_interval=2)
-    )
+    playing = asyncio.create_task(record(receiver, client_ssl, first, pace=1.0))
     await asyncio.sleep(0.5)
     await asyncio.to_thread(moto.stop)
     await playing

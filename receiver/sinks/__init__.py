@@ -101,8 +101,11 @@ class Fanout:
 
     @property
     def alive(self) -> bool:
-        """Whether any sink still takes audio; when none does, the stream records nothing."""
-        return bool(self._live)
+        """Whether any sink still records; when none does, the stream records nothing.
+
+        Sinks that only watch (``observer = True``, like the web page's levels) do not count.
+        """
+        return any(not getattr(sink, "observer", False) for _, sink in self._live)
 
     @property
     def locations(self) -> list[str]:

@@ -9,7 +9,9 @@ A sink is created per stream (by a ``SinkFactory``) and sees the stream's whole 
    of about ``batch_ms``, ``position`` in samples since the stream's start. Per track, batches
    come in order and are contiguous: the first starts at 0 and each starts where the previous
    ended (gaps are already filled with silence). ``samples`` may be a shared read-only view:
-   never modify it, copy what you keep.
+   never modify it, copy what you keep. ``receiver.session.is_gap_fill(samples)`` tells the
+   silence filled in for a gap (slices of up to 10 s), which a sink may store cheaply (the
+   wav sink: a hole in the file).
 3. ``event(record)`` for each DTMF digit and mark, with its place on the timeline.
 4. ``close(summary)`` once, however the stream ended (stop, client close, protocol error,
    shutdown), also after a failed ``open`` or ``write``. A sink with work to finish that would
@@ -54,7 +56,14 @@ if TYPE_CHECKING:
     from receiver.settings import Settings
 
 EndKind = Literal[
-    "stop", "client-close", "protocol-error", "idle-timeout", "max-duration", "shutdown", "error"
+    "stop",
+    "client-close",
+    "protocol-error",
+    "idle-timeout",
+    "keepalive-timeout",
+    "max-duration",
+    "shutdown",
+    "error",
 ]
 
 
