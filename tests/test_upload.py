@@ -370,3 +370,26 @@ def test_receiver_upload_without_a_store_or_with_an_unusable_one_is_one_line_and
     )
     assert bad.returncode == 2 and "RECEIVER_UPLOAD_URL" in bad.stderr, bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+async def test_with_delete_local_the_directory_goes_once_the_objects_are_verified(
+    start_receiver: StartReceiver,
+    client_ssl: ssl.SSLContext,
+    speech: Any,
+    tmp_path: Path,
+    moto: MotoServer,
+) -> None:
+    """RECEIVER_UPLOAD_DELETE_LOCAL: the bucket holds the stream, the disk no longer does."""
+    receiver, delivery = await start_delivering(start_receiver, upload_delete_local=True)
+    encoded = {t: sox_encode(speech[t].wav[8000], "ul", tmp_path / f"{t}.ul") for t in speech}
+    messages = build_messages(codec=PCMU, tracks=encoded, stream_sid="gone")
+    await record(receiver, client_ssl, messages)
+    await wait_idle(receiver)
+    await asyncio.wait_for(delivery.wait_delivered(), 60)
+    assert not (receiver.settings.recordings_dir / "gone").exists()
+    objects = {k.rsplit("/", 1)[1]: v for k, v in moto.objects().items() if "/gone/" in k}
+    assert set(objects) == {"inbound.wav", "outbound.wav", "stream.json"}
+    for track in ("inbound", "outbound"):
+        (tmp_path / f"{track}.wav").write_bytes(objects[f"{track}.wav"])
+        got, _ = read_wav(tmp_path / f"{track}.wav")
+        np.testing.assert_array_equal(got, sox_decode(tmp_path / f"{track}.ul", "ul"))
