@@ -219,8 +219,7 @@ async def test_kill_9_with_uploads_and_webhooks_pending_both_complete_after_rest
             f"ws://127.0.0.1:{first.port}/media",
             live,
             token=TOKEN,
-            frame_interval_s=0.02,
-            frames_per_interval=2,
+            pace=1.0,
         )
     )
     inbound = tmp_path / "recordings" / "live" / "inbound.wav"
