@@ -35,13 +35,18 @@ SENTENCES = {
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    """``--screenshots DIR``: where tests/test_web.py saves the web page's screenshots."""
+    """``--screenshots DIR``: where tests/test_web.py saves the web page's screenshots.
+    ``--chaos-long``, ``--chaos-report FILE``: tests/test_chaos.py at the issue's sizes (what
+    `bash scripts/chaos` runs), each attack's figures collected in FILE."""
     parser.addoption(
         "--screenshots",
         metavar="DIR",
         default=None,
         help="save the web page's screenshots to DIR (docs to update the README's)",
     )
+    chaos = parser.getgroup("chaos", "the chaos suite (tests/test_chaos.py)")
+    chaos.addoption("--chaos-long", action="store_true", help="run each attack at its full size")
+    chaos.addoption("--chaos-report", default=None, help="append each attack's figures here")
 
 
 @pytest.fixture(autouse=True)

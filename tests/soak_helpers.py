@@ -104,7 +104,9 @@ signal.signal(signal.SIGUSR2, _collect)
 class ServerProcess:
     """`python -m receiver serve` on 127.0.0.1 and a free port, its log in a file."""
 
-    def __init__(self, cwd: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, cwd: Path, env: dict[str, str], *, preexec_fn: Callable[[], None] | None = None
+    ) -> None:
         with socket.socket() as s:
             s.bind((HOST, 0))
             self.port = int(s.getsockname()[1])
@@ -115,6 +117,7 @@ class ServerProcess:
         self.gc_ack = cwd / "gc-ack"
         self.gc_ack.write_text("")
         base = {k: v for k, v in os.environ.items() if not k.startswith("RECEIVER_")}
+        base["RECEIVER_UI_PORT"] = ""  # the web page is off: its port is not this test's
         base.update(env)
         base.update(RECEIVER_HOST=HOST, RECEIVER_PORT=str(self.port))
         base["PYTHONPATH"] = os.pathsep.join(
@@ -128,6 +131,7 @@ class ServerProcess:
                 env=base,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
+                preexec_fn=preexec_fn,  # only setrlimit (tests/chaos_support.py)
             )
 
     @property
