@@ -98,7 +98,10 @@ def server(
             RECEIVER_TLS_CERT=str(work.cert),
             RECEIVER_TLS_KEY=str(work.key),
             RECEIVER_RECORDINGS_DIR=str(recordings),
-            RECEIVER_MAX_STREAMS="10000",
+            # As many as the fd limit holds (4 fds a stream; serve refuses more): the runs
+            # need at most 1,000 streams.
+            RECEIVER_MAX_STREAMS="3000",
+            RECEIVER_UI_PORT="",
             RECEIVER_MAX_CONNECTIONS_PER_IP="10000",
             RECEIVER_LOG_LEVEL="WARNING",
             RECEIVER_DRAIN_TIMEOUT_S="0",

@@ -117,6 +117,7 @@ class ServerProcess:
         self.gc_ack = cwd / "gc-ack"
         self.gc_ack.write_text("")
         base = {k: v for k, v in os.environ.items() if not k.startswith("RECEIVER_")}
+        base["RECEIVER_UI_PORT"] = ""  # the web page is off: its port is not this test's
         base.update(env)
         base.update(RECEIVER_HOST=HOST, RECEIVER_PORT=str(self.port))
         base["PYTHONPATH"] = os.pathsep.join(

@@ -218,6 +218,10 @@ async def test_disk_full_at_the_final_stream_json_leaks_nothing_and_repair_finis
         preexec_fn=_file_size_limit(256 * 1024),
     )
     server.wait_listening()
+    context = ssl.create_default_context(cafile=str(tls_files.cert))
+    # One request first: the event loop keeps a spare fd from its first accept on (uvloop's
+    # reserve for EMFILE), which is no stream's.
+    await asyncio.to_thread(_get, server.port, "/healthz", context)
     baseline = _open_fds(server.proc.pid)
     root = server.cwd / "recordings"
     audio = PCMU.encode((np.arange(8000 * 2) % 4000 - 2000).astype(np.int16))
@@ -244,7 +248,6 @@ async def test_disk_full_at_the_final_stream_json_leaks_nothing_and_repair_finis
     log = server.log.read_text()
     assert "sink 'wav' failed" in log and "during close" in log and "File too large" in log
     assert "Traceback" not in log
-    context = ssl.create_default_context(cafile=str(tls_files.cert))
     metrics = await asyncio.to_thread(_get, server.port, "/metrics", context)
     assert 'receiver_sink_errors_total{sink="wav"} 1.0' in metrics
     assert server.stop() == 0

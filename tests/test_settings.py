@@ -16,7 +16,7 @@ from tests.conftest import env_with, run_receiver
 
 SECRET = "very-secret-token-0123456789"
 # Fields that take any text or path: nothing to get wrong in them alone.
-_FREE_FORM = {"host", "metrics_host", "state_dir", "recordings_dir"}
+_FREE_FORM = {"host", "metrics_host", "ui_host", "state_dir", "recordings_dir"}
 
 
 def bad_values(name: str) -> list[str]:
