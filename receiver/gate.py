@@ -25,8 +25,8 @@ logger = logging.getLogger("receiver.gate")
 
 
 # After this many connections ended, freed memory is handed back to the OS (MemoryTrimmer).
-TRIM_AFTER_CONNECTIONS = 1000
-_TRIM_CHECK_S = 5.0
+TRIM_AFTER_CONNECTIONS = 100
+_TRIM_CHECK_S = 1.0
 
 
 class MemoryTrimmer:
