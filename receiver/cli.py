@@ -410,8 +410,8 @@ def _report_interrupted(recordings_dir: Path) -> None:
     interrupted = find_interrupted(recordings_dir)
     if interrupted:
         logger.warning(
-            "%d stream(s) were interrupted by an earlier crash (e.g. %s); their WAV files are "
-            "readable as they are: run `receiver repair %s` to finish them",
+            "%d stream(s) were interrupted by an earlier crash or a full disk (e.g. %s); their WAV "
+            "files are readable as they are: run `receiver repair %s` to finish them",
             len(interrupted),
             interrupted[0],
             recordings_dir,
