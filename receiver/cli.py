@@ -224,6 +224,8 @@ def _serve(args: argparse.Namespace) -> int:
     _report_interrupted(settings.recordings_dir)
     if not settings.tokens:
         token = secrets.token_urlsafe(32)
+        while token.startswith("-"):  # `--token -x...` would read as a flag: 1 in 64 tokens
+            token = secrets.token_urlsafe(32)
         settings = settings.model_copy(update={"tokens": [SecretStr(token)]})
         print(
             "No RECEIVER_TOKENS set: this run accepts only this generated bearer token "
