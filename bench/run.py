@@ -101,8 +101,9 @@ def server(
             # As many as the fd limit holds (4 fds a stream; serve refuses more): the runs
             # need at most 1,000 streams.
             RECEIVER_MAX_STREAMS="3000",
-            RECEIVER_UI_PORT="",
             RECEIVER_MAX_CONNECTIONS_PER_IP="10000",
+            RECEIVER_MAX_PENDING_HANDSHAKES_PER_IP="1000",
+            RECEIVER_UI_PORT="",  # the web page is off: 8080 may be taken on a shared machine
             RECEIVER_LOG_LEVEL="WARNING",
             RECEIVER_DRAIN_TIMEOUT_S="0",
             RECEIVER_EVENT_LOOP="uvloop" if kind == "receiver" else "asyncio",

@@ -1,5 +1,5 @@
 """The ``receiver`` command: ``serve``, ``repair``, ``health``, ``simulate``, ``streams``,
-``consume``.
+``consume``, ``upload``.
 
 Reads settings once (flags over ``RECEIVER_*`` over ``.env``), sets up logging and TLS, picks
 the sinks and runs. Every failure a user can cause is one line on stderr, never a traceback.

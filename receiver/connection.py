@@ -149,10 +149,13 @@ class StreamConnection(ServerConnection):
             return None
         recv = self.loop.create_task(self.recv())
         waits: set[asyncio.Future[Any]] = {recv, self._closing}
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        if recv.done():
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not recv.done():
+                recv.cancel()  # recv() is cancellation-safe: a message it had is not lost
+        if recv.done() and not recv.cancelled():
             return recv.result()
-        recv.cancel()  # recv() is cancellation-safe: a message it had is not lost
         with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
             await recv
         return None

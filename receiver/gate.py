@@ -8,16 +8,56 @@ a change of connection layer.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ctypes
 import errno
 import logging
 import ssl
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from receiver.metrics import Count, Counters
 from receiver.text import shorten
 
 logger = logging.getLogger("receiver.gate")
+
+
+# After this many connections ended, freed memory is handed back to the OS (MemoryTrimmer).
+TRIM_AFTER_CONNECTIONS = 1000
+_TRIM_CHECK_S = 5.0
+
+
+class MemoryTrimmer:
+    """Hands the memory of ended connections back to the OS after a flood: ``malloc_trim(0)``.
+
+    Measured (bench/flood.py, uvloop, 5,000 idle / half-open / TLS-idle connections a round):
+    RSS 73 -> 311 -> 485 -> 640 -> 762 MB over 4 rounds without it, every Python object freed
+    (no leak: gc counts back to the baseline), the rest held by glibc's heap, which does not
+    give back pages freed below its top; with a trim after each round RSS falls to 91-97 MB.
+    The trim takes 20-40 ms, so it runs in a thread. Not glibc: nothing to do.
+    """
+
+    def __init__(self, gate: ConnectionGate, counters: Counters) -> None:
+        self._gate = gate
+        self._counters = counters
+        self._trimmed_at = 0
+        self._trim: Callable[[int], int] | None = None
+        with contextlib.suppress(OSError, AttributeError):
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+
+    async def run(self) -> None:
+        """Check every few seconds; trim once enough connections ended since the last trim."""
+        if self._trim is None:
+            return
+        while True:
+            await asyncio.sleep(_TRIM_CHECK_S)
+            ended = self._gate.handshakes_ended
+            if ended - self._trimmed_at >= TRIM_AFTER_CONNECTIONS:
+                self._trimmed_at = ended
+                await asyncio.to_thread(self._trim, 0)
+                self._counters.add(Count.MEMORY_TRIMS)
 
 
 class RateLimitedLog:
@@ -85,6 +125,7 @@ class ConnectionGate:
         self.max_write_buffer_bytes = max_write_buffer_bytes
         self.pending = 0
         self.pending_per_ip: Counter[str] = Counter()
+        self.handshakes_ended = 0  # every admitted connection, once its handshake is over
         self._log = RateLimitedLog(logger)
 
     def admit(self, ip: str) -> PendingHandshake | None:
@@ -101,6 +142,7 @@ class ConnectionGate:
         return PendingHandshake(self, ip)
 
     def _over(self, ip: str) -> None:
+        self.handshakes_ended += 1
         self.pending -= 1
         self.pending_per_ip[ip] -= 1
         if not self.pending_per_ip[ip]:

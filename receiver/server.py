@@ -43,7 +43,7 @@ from receiver.exceptions import (
     RecordingFailed,
     UnsupportedMedia,
 )
-from receiver.gate import ConnectionGate, PendingHandshake
+from receiver.gate import ConnectionGate, MemoryTrimmer, PendingHandshake
 from receiver.health import HealthCheck
 from receiver.listener import Listener, bind
 from receiver.logs import QuietInfo, StreamLogger
@@ -71,8 +71,8 @@ _FRAME_ERRORS = frozenset({1002, 1007, 1009})
 class Receiver:
     """The receiver server: ``await start()``, then ``await shutdown()`` (or ``async with``).
 
-    ``counters`` counts what happened (streams, frames, rejections, errors by kind) for logs,
-    tests and later metrics.
+    ``counters`` (``receiver.metrics.Counters``) counts what happened, each counter exported in
+    ``/metrics``; ``gate`` holds the connection limits.
     """
 
     def __init__(
@@ -114,6 +114,7 @@ class Receiver:
             live_streams=self._live_tracks,
         )
         self._cut_drain = asyncio.Event()
+        self._trimmer: asyncio.Task[None] | None = None
         self._started: list[Lifecycle] = []
 
     async def __aenter__(self) -> Receiver:
@@ -170,6 +171,7 @@ class Receiver:
             self._stop_metrics_server()
             problem = exc.strerror or str(exc)
             raise ListenError(role="streams", host=s.host, port=s.port, problem=problem) from None
+        self._trimmer = asyncio.create_task(MemoryTrimmer(self.gate, self.counters).run())
 
     async def _serve(self, connection: type[StreamConnection], gate: Any) -> Server:
         """websockets' Server over our own accept loop (``receiver.listener``)."""
@@ -238,6 +240,11 @@ class Receiver:
         self._server.close(close_connections=True)
         await self._server.wait_closed()
         self._server = None
+        if self._trimmer is not None:
+            self._trimmer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._trimmer
+            self._trimmer = None
         await self._stop_resources()
         self._stop_metrics_server()
 

@@ -101,6 +101,9 @@ def chaos_server(
         "RECEIVER_RECORDINGS_DIR": str(recordings),
         "RECEIVER_EVENT_LOOP": "uvloop",
         "RECEIVER_DRAIN_TIMEOUT_S": "1",
+        # The web page's fixed port (8080) would collide with any other receiver running here;
+        # it is not what these attacks aim at.
+        "RECEIVER_UI_PORT": "",
         **(env or {}),
     }
     server = ServerProcess(root, values, preexec_fn=server_preexec(nofile))

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from websockets.frames import Frame, Opcode
 
 from receiver.codecs import CLI_CODECS, codec_for
 from receiver.simulate import build_messages
@@ -219,19 +220,8 @@ def client_hello(context: ssl.SSLContext) -> bytes:
 
 
 def ws_frame(payload: bytes, *, opcode: int = 0x1, fin: bool = True) -> bytes:
-    """One masked client frame (RFC 6455 section 5.2)."""
-    length = len(payload)
-    head = bytes([(0x80 if fin else 0) | opcode])
-    if length < 126:
-        head += bytes([0x80 | length])
-    elif length < 65536:
-        head += bytes([0x80 | 126]) + struct.pack("!H", length)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack("!Q", length)
-    mask = os.urandom(4)
-    data = np.frombuffer(payload, dtype=np.uint8)
-    key = np.resize(np.frombuffer(mask, dtype=np.uint8), len(data))
-    return head + mask + (data ^ key).tobytes()
+    """One masked client frame (RFC 6455 section 5.2), framed by websockets."""
+    return Frame(Opcode(opcode), payload, fin=fin).serialize(mask=True)
 
 
 def close_frame(code: int = 1000) -> bytes:

@@ -60,6 +60,13 @@ from tests.soak_helpers import (
 )
 
 FREEZE_LIMIT_MS = 200.0
+# Not fixed on any branch yet (issue 11, what these tests found; see each reason).
+UVLOOP_BURST = pytest.mark.xfail(
+    strict=True,
+    reason="not fixed on any branch: on uvloop one connection's whole burst (libuv reads up to"
+    " 32 times a wake-up) is handled in one loop tick; 60,000 DTMF hold the loop 1.2-1.6 s, a"
+    " ping flood 0.5-1.7 s, against 78 and 16 ms on asyncio's loop",
+)
 # At fd limit 1,024 `receiver serve` refuses to start on the defaults (500 streams of 4 fds,
 # 1,000 pending handshakes: 3,064 fds), so the fd-limit attacks run with limits that fit
 # (4 x 150 + 300 + 64 = 964), the per-address cap below the overall one as an operator sets it.
@@ -167,10 +174,11 @@ async def test_chunk_jump_without_timestamp(
         )
     max_gap_bytes = 60 * rate * 2  # RECEIVER_MAX_GAP_S, 60 s by default
     assert measured.figures["wav_bytes"] <= max_gap_bytes + 2 * (2 * rate // 50) + 44
-    # Counted in stream.json only (clock_jumps): no /metrics counter or log line names it.
+    # The cut jump is counted in stream.json (clock_jumps) and the gap in receiver_gaps; no
+    # /metrics counter or log line names the cut itself (reported, issue 11).
     inbound = record_of(recordings, "chunk-jump")["tracks"]["inbound"]
     assert inbound["clock_jumps"] >= 1, inbound
-    check_common(measured, probe, recordings, counter=None, log_line=None)
+    check_common(measured, probe, recordings, counter=("receiver_gaps", {}), log_line=None)
 
 
 async def test_many_marks_with_long_names(
@@ -224,6 +232,7 @@ async def test_many_marks_with_long_names(
     )
 
 
+@UVLOOP_BURST
 async def test_many_dtmf_events(
     tmp_path: Path, tls_files: TlsFiles, client_ssl: ssl.SSLContext, long: bool, report: Any
 ) -> None:
@@ -273,6 +282,7 @@ async def test_many_dtmf_events(
     )
 
 
+@UVLOOP_BURST
 async def test_ping_flood_from_a_client_that_never_reads(
     tmp_path: Path, tls_files: TlsFiles, client_ssl: ssl.SSLContext, long: bool, report: Any
 ) -> None:
@@ -370,7 +380,7 @@ async def test_idle_tcp_connections_at_fd_limit(
                     expected = await asyncio.wait_for(good_stream(goal, sid, frames=25), 30)
                     samples, _ = read_wav(recordings / sid / "inbound.wav")
                     new_stream = "recorded" if np.array_equal(samples, expected) else "wrong"
-                except (OSError, ssl.SSLError, TimeoutError, AssertionError) as exc:
+                except Exception as exc:  # noqa: BLE001 - any failure is the figure
                     new_stream = f"failed ({type(exc).__name__})"
                 for writer in writers:
                     abort(writer)
@@ -402,6 +412,12 @@ async def test_idle_tcp_connections_at_fd_limit(
     )
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="not fixed on any branch: RSS after a full gc stays up and ratchets with each round"
+    " of streams at fd limit 1,024 (300 streams: 86 -> 111 MB; 5 rounds of 1,200: 83 -> 108,"
+    " 120, 130, 136, 140 MB), threads 3 -> 8",
+)
 async def test_many_streams_at_fd_limit(
     tmp_path: Path, tls_files: TlsFiles, client_ssl: ssl.SSLContext, long: bool, report: Any
 ) -> None:

@@ -44,9 +44,14 @@ def masked(opcode: Opcode, payload: bytes) -> bytes:
 
 
 async def open_stream(
-    receiver: Receiver, context: ssl.SSLContext, *, rcvbuf_bytes: int | None = None
+    receiver: Receiver,
+    context: ssl.SSLContext,
+    *,
+    rcvbuf_bytes: int | None = None,
+    with_upgrade: bytes = b"",
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A raw TLS connection upgraded to a stream (101 read), before any message."""
+    """A raw TLS connection upgraded to a stream (101 read); ``with_upgrade`` is sent in the
+    same write as the upgrade request (websockets then keeps the stream)."""
     sock = socket.socket()
     if rcvbuf_bytes is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf_bytes)
@@ -55,7 +60,7 @@ async def open_stream(
     reader, writer = await asyncio.open_connection(
         sock=sock, ssl=context, server_hostname="localhost", limit=4096
     )
-    writer.write(upgrade_request("/media", TOKEN))
+    writer.write(upgrade_request("/media", TOKEN) + with_upgrade)
     await writer.drain()
     assert await read_head(reader) == 101
     return reader, writer
@@ -75,14 +80,19 @@ async def read_close(reader: asyncio.StreamReader) -> tuple[int, bytes]:
             return struct.unpack("!H", payload[:2])[0], payload[2:]
 
 
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "websockets-path"])
 async def test_client_that_never_reads_its_pongs_is_aborted(
-    start_receiver: StartReceiver, client_ssl: ssl.SSLContext
+    start_receiver: StartReceiver, client_ssl: ssl.SSLContext, fast_path: bool
 ) -> None:
     """Pings as fast as possible from a client that never reads: the server holds at most
     max_write_buffer_bytes for it, then aborts it (counted) and records the stream."""
     receiver = await start_receiver(max_write_buffer_bytes=256 * 1024)
-    _reader, writer = await open_stream(receiver, client_ssl, rcvbuf_bytes=4096)
-    writer.write(masked(Opcode.TEXT, start_frame("pinger").encode()))
+    start = masked(Opcode.TEXT, start_frame("pinger").encode())
+    _reader, writer = await open_stream(
+        receiver, client_ssl, rcvbuf_bytes=4096, with_upgrade=b"" if fast_path else start
+    )
+    if fast_path:
+        writer.write(start)
     ping = masked(Opcode.PING, b"p" * 125)
     sent = 0
     aborted = False
@@ -103,6 +113,7 @@ async def test_client_that_never_reads_its_pongs_is_aborted(
     assert sent < 100 * 1024 * 1024
     await wait_idle(receiver)
     assert receiver.counters["write_buffer_overflows"] == 1
+    assert receiver.counters["streams_fast_path"] == int(fast_path)
     assert record_of(recording(receiver, "pinger"))["end"]["close_code"] == 1006
 
 

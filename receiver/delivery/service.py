@@ -26,7 +26,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from receiver.delivery import webhooks
 from receiver.delivery.queue import Backoff, QueueDirs, items, read_item, write_item
-from receiver.delivery.upload import Uploader, UploadError, make_store
+from receiver.delivery.upload import Uploader, UploadError, store_for
 from receiver.events import Track
 from receiver.session import DtmfRecord, MarkRecord
 from receiver.sinks.base import StreamInfo, StreamSummary
@@ -117,7 +117,7 @@ class Delivery:
         self._webhook_backoff = Backoff(first, cap)
         if settings.upload_url is not None:
             self.uploader = Uploader(
-                make_store(settings.upload_url, timeout_s=settings.upload_timeout_s),
+                store_for(settings),
                 base_url=settings.upload_url,
                 part_bytes=settings.upload_part_bytes,
                 concurrency=settings.upload_concurrency,
@@ -191,7 +191,9 @@ class Delivery:
         if self.sender is not None:
             keep = ("stream_sid", "call_sid", "account_sid", "custom_parameters", "media_format")
             started = {key: data[key] for key in keep} | {"started_at": data["started_at"]}
-            webhooks.enqueue(self.dirs, token=token, event="stream.started", data=started)
+            webhooks.enqueue(
+                self.dirs, token=token, event="stream.started", data=started, fresh=True
+            )
             self._webhook_wake.set()
 
     async def stream_finished(self, token: str, directory: Path | None) -> None:
@@ -266,6 +268,12 @@ class Delivery:
         try:
             done = await self.uploader.upload_stream(directory)
         except UploadError as exc:
+            if exc.reason == "missing":
+                # The directory is gone (deleted by hand): there is nothing left to upload.
+                logger.error("not uploading %s: %s; dropping it from the queue", directory, exc)
+                self.metrics.upload_failures.labels(exc.reason).inc()
+                await asyncio.to_thread(path.unlink, missing_ok=True)
+                return
             self.metrics.upload_failures.labels(exc.reason).inc()
             delay = self._upload_backoff.failed(path.name)
             attempts = self._upload_backoff.attempts[path.name]
