@@ -218,6 +218,19 @@ async def test_disk_full_at_the_final_stream_json_leaks_nothing_and_repair_finis
         preexec_fn=_file_size_limit(256 * 1024),
     )
     server.wait_listening()
+    # uvloop opens /dev/null once, at the first socket handed to it (connect_accepted_socket):
+    # a /healthz probe first, so that the baseline holds it.
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", server.port, ssl=client_ssl, server_hostname="localhost"
+    )
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    after_probe = _open_fds(server.proc.pid)
+    deadline = time.monotonic() + 2
+    while _open_fds(server.proc.pid) >= after_probe and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # the probe's socket may still be closing, in another process
     baseline = _open_fds(server.proc.pid)
     root = server.cwd / "recordings"
     audio = PCMU.encode((np.arange(8000 * 2) % 4000 - 2000).astype(np.int16))
