@@ -60,13 +60,6 @@ from tests.soak_helpers import (
 )
 
 FREEZE_LIMIT_MS = 200.0
-# Not fixed on any branch yet (issue 11, what these tests found; see each reason).
-UVLOOP_BURST = pytest.mark.xfail(
-    strict=True,
-    reason="not fixed on any branch: on uvloop one connection's whole burst (libuv reads up to"
-    " 32 times a wake-up) is handled in one loop tick; 60,000 DTMF hold the loop 1.2-1.6 s, a"
-    " ping flood 0.5-1.7 s, against 78 and 16 ms on asyncio's loop",
-)
 # At fd limit 1,024 `receiver serve` refuses to start on the defaults (500 streams of 4 fds,
 # 1,000 pending handshakes: 3,064 fds), so the fd-limit attacks run with limits that fit
 # (4 x 150 + 300 + 64 = 964), the per-address cap below the overall one as an operator sets it.
@@ -232,7 +225,6 @@ async def test_many_marks_with_long_names(
     )
 
 
-@UVLOOP_BURST
 async def test_many_dtmf_events(
     tmp_path: Path, tls_files: TlsFiles, client_ssl: ssl.SSLContext, long: bool, report: Any
 ) -> None:
@@ -282,7 +274,6 @@ async def test_many_dtmf_events(
     )
 
 
-@UVLOOP_BURST
 async def test_ping_flood_from_a_client_that_never_reads(
     tmp_path: Path, tls_files: TlsFiles, client_ssl: ssl.SSLContext, long: bool, report: Any
 ) -> None:
