@@ -321,6 +321,7 @@ class StreamConnection(ServerConnection):
     def connection_lost(self, exc: Exception | None) -> None:
         self._drain_backlog()
         self.handshake_over()
+        self.gate.closed()
         self._frames = None
         super().connection_lost(exc)
         self._wake()

@@ -403,13 +403,6 @@ async def test_idle_tcp_connections_at_fd_limit(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed on any branch: RSS after a full gc stays up and ratchets with each round"
-    " of streams at fd limit 1,024 (300 streams: 86 -> 111 MB; 5 rounds of 1,200: 83 -> 108,"
-    " 120, 130, 136, 140 MB): memory malloc keeps, not a leak (with malloc_trim(0) after the gc:"
-    " 88-90 MB, flat)",
-)
 async def test_many_streams_at_fd_limit(
     tmp_path: Path, tls_files: TlsFiles, client_ssl: ssl.SSLContext, long: bool, report: Any
 ) -> None:
