@@ -14,7 +14,6 @@ import base64
 import contextlib
 import json
 import os
-import re
 import resource
 import ssl
 import struct
@@ -42,12 +41,12 @@ from tests.soak_helpers import (
     ServerProcess,
     Target,
     good_stream,
-    http_get,
     log_problems,
     proc_figures,
-    upgrade_request,
-    wait_until,
 )
+from tests.support.http import http_get
+from tests.support.waits import wait_until
+from tests.support.wire import read_frame, read_status, upgrade_request, ws_frame
 
 RATE_HZ = 16_000  # the good stream: L16 16 kHz, both tracks, 20 ms frames
 FRAME_SAMPLES = RATE_HZ // 50
@@ -116,29 +115,6 @@ def chaos_server(
 
 def target(server: ServerProcess, client_ssl: ssl.SSLContext) -> Target:
     return Target(server.port, client_ssl, TOKEN, handshake_timeout_s=10, idle_timeout_s=60)
-
-
-def metric_total(body: str, name: str, **labels: str) -> float:
-    """The sum of every sample whose name matches the regular expression ``name`` (with or
-    without ``_total``; any labels, or those given); 0 when absent."""
-    total = 0.0
-    pattern = re.compile(rf"^(?:{name})(?:_total)?(\{{[^}}]*\}})? (\S+)$")
-    for line in body.splitlines():
-        match = pattern.match(line)
-        if not match:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
-        if all(found.get(k) == v for k, v in labels.items()):
-            total += float(match.group(2))
-    return total
-
-
-def metric_names(body: str) -> set[str]:
-    return {line.split("{")[0].split(" ")[0] for line in body.splitlines() if line[:1].isalpha()}
-
-
-# ---------------------------------------------------------------------------------------------
-# The paced good stream and its ping probe
 
 
 def good_audio(seed: int, seconds: float) -> dict[str, NDArray[np.int16]]:
@@ -378,19 +354,6 @@ def check_good_stream(recordings: Path, result: ProbeResult) -> None:
 # Raw attackers
 
 
-def frame(payload: bytes, *, opcode: int = 0x1) -> bytes:
-    """A client frame with an all-zero mask (RFC 6455 allows any key): built fast, in bulk."""
-    length = len(payload)
-    head = bytes([0x80 | opcode])
-    if length < 126:
-        head += bytes([0x80 | length])
-    elif length < 65536:
-        head += bytes([0x80 | 126]) + struct.pack("!H", length)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack("!Q", length)
-    return head + b"\0\0\0\0" + payload
-
-
 async def open_from(
     port: int,
     source_ip: str,
@@ -408,11 +371,6 @@ async def open_from(
         limit=limit,
         ssl_handshake_timeout=30 if client_ssl else None,
     )
-
-
-async def read_status(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), head
 
 
 async def open_stream(
@@ -436,9 +394,9 @@ async def open_stream(
     if status != 101:
         abort(writer)
         raise AssertionError(head)
-    writer.write(frame(b'{"event": "connected", "protocol": "Call"}'))
+    writer.write(ws_frame(b'{"event": "connected", "protocol": "Call"}'))
     names = ["inbound", "outbound"][:tracks]
-    writer.write(frame(json.dumps(start_event(sid, rate_hz, names)).encode()))
+    writer.write(ws_frame(json.dumps(start_event(sid, rate_hz, names)).encode()))
     await writer.drain()
     return reader, writer
 
@@ -449,14 +407,8 @@ async def read_frames(
     """Read server frames (unmasked) until EOF, calling ``on_frame(opcode, payload)``."""
     with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
         while True:
-            head = await reader.readexactly(2)
-            length = head[1] & 0x7F
-            if length == 126:
-                length = struct.unpack("!H", await reader.readexactly(2))[0]
-            elif length == 127:
-                length = struct.unpack("!Q", await reader.readexactly(8))[0]
-            payload = await reader.readexactly(length)
-            result = on_frame(head[0] & 0x0F, payload)
+            opcode, payload = await read_frame(reader)
+            result = on_frame(opcode, payload)
             if result is not None:
                 await result
 
@@ -464,18 +416,6 @@ async def read_frames(
 def abort(writer: asyncio.StreamWriter) -> None:
     if not writer.transport.is_closing():
         writer.transport.abort()
-
-
-def record_of(recordings: Path, sid: str) -> dict[str, Any]:
-    return dict(json.loads((recordings / sid / "stream.json").read_text()))
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-# ---------------------------------------------------------------------------------------------
-# One attack, measured
 
 
 @dataclass
@@ -530,10 +470,10 @@ async def measure(
     """Warm up, take the baseline (after a full gc), run ``attack`` beside a paced good stream,
     then let the server settle and take the figures again (after a full gc)."""
     goal = target(server, client_ssl)
-    assert (await http_get(goal, "/healthz"))[0] == 200
+    assert (await http_get(goal.port, "/healthz", goal.client_ssl))[0] == 200
     good = GoodStream(port=server.port, cert=cert, server_pid=server.pid, sid=f"good-{name}")
     await good_stream(goal, "warm-up", frames=25)  # every lazy set-up done before the baseline
-    await http_get(goal, "/metrics")
+    await http_get(goal.port, "/metrics", goal.client_ssl)
     await asyncio.sleep(0.2)
     await server.collect_garbage()
     before = server.figures()
@@ -548,7 +488,7 @@ async def measure(
     await asyncio.sleep(0.3)
     await server.collect_garbage()
     after = server.figures()
-    status, metrics = await http_get(goal, "/metrics")
+    status, _, metrics = await http_get(goal.port, "/metrics", goal.client_ssl)
     assert status == 200
     measured = Measured(
         attack=name,

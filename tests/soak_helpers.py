@@ -7,7 +7,6 @@ Every client is bounded in time and talks to 127.0.0.1 only.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import os
@@ -28,10 +27,11 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from websockets.frames import Frame, Opcode
 
 from receiver.codecs import CLI_CODECS, codec_for
 from receiver.simulate import build_messages
+from tests.support.waits import wait_until
+from tests.support.wire import close_frame, read_frame, read_head, upgrade_request, ws_frame
 
 PCMU = codec_for(CLI_CODECS["pcmu"])
 HOST = "127.0.0.1"
@@ -219,17 +219,6 @@ def client_hello(context: ssl.SSLContext) -> bytes:
     return outgoing.read()
 
 
-def ws_frame(payload: bytes, *, opcode: int = 0x1, fin: bool = True) -> bytes:
-    """One masked client frame (RFC 6455 section 5.2), framed by websockets."""
-    return Frame(Opcode(opcode), payload, fin=fin).serialize(mask=True)
-
-
-def close_frame(code: int = 1000) -> bytes:
-    return ws_frame(struct.pack("!H", code), opcode=0x8)
-
-
-# The connections a client opened, so that ``owned_connections`` can abort whatever a failed
-# client left open (one list per asyncio task: each client runs in a task of its own).
 _OPENED: ContextVar[list[asyncio.StreamWriter] | None] = ContextVar("_OPENED", default=None)
 
 
@@ -272,27 +261,6 @@ async def open_tls(target: Target) -> tuple[asyncio.StreamReader, asyncio.Stream
     )
 
 
-def upgrade_request(path: str, token: str | None) -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    lines = [
-        f"GET {path} HTTP/1.1",
-        f"Host: {SERVER_NAME}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {key}",
-        "Sec-WebSocket-Version: 13",
-    ]
-    if token is not None:
-        lines.append(f"Authorization: Bearer {token}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-async def read_head(reader: asyncio.StreamReader) -> int:
-    """The status code of an HTTP response head."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1])
-
-
 async def upgrade(
     target: Target, path: str, token: str | None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
@@ -324,14 +292,7 @@ async def until_ws_closed(
     try:
         async with asyncio.timeout(limit_s):
             while True:
-                head = await reader.readexactly(2)
-                length = head[1] & 0x7F
-                if length == 126:
-                    length = struct.unpack("!H", await reader.readexactly(2))[0]
-                elif length == 127:
-                    length = struct.unpack("!Q", await reader.readexactly(8))[0]
-                payload = await reader.readexactly(length)
-                opcode = head[0] & 0x0F
+                opcode, payload = await read_frame(reader)
                 if opcode == 0x8:
                     code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
                     writer.write(close_frame(code if code not in {1005, 1006} else 1000))
@@ -655,28 +616,6 @@ async def chaos(
 # Health checks
 
 
-async def http_get(target: Target, path: str) -> tuple[int, str]:
-    """GET over TLS without a token: status and body."""
-    with owned_connections():
-        reader, writer = await open_tls(target)
-        request = f"GET {path} HTTP/1.1\r\nHost: {SERVER_NAME}\r\nConnection: close\r\n\r\n"
-        writer.write(request.encode())
-        await writer.drain()
-        async with asyncio.timeout(10):
-            data = await reader.read()
-        cut(writer, "close")
-        await closed(writer)
-    head, _, body = data.decode().partition("\r\n\r\n")
-    return int(head.split()[1]), body
-
-
-def metric(body: str, name: str) -> float | None:
-    for line in body.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return None
-
-
 async def good_stream(target: Target, sid: str, frames: int = 50) -> NDArray[np.int16]:
     """Play a whole stream with the simulator's client; the samples that must be recorded."""
     from receiver.simulate import play
@@ -714,16 +653,6 @@ def check_recordings(root: Path) -> Counter[str]:
     left = list(markers.iterdir()) if markers.is_dir() else []
     assert not left, f"in-progress markers left: {left[:10]}"
     return ends
-
-
-async def wait_until(predicate: Callable[[], bool], limit_s: float) -> bool:
-    """Poll ``predicate`` every 50 ms for at most ``limit_s``."""
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return predicate()
 
 
 def report(path: str | None, name: str, figures: dict[str, Any]) -> None:

@@ -24,7 +24,8 @@ from websockets.asyncio.client import connect
 from receiver.codecs import CLI_CODECS, codec_for
 from receiver.simulate import build_messages
 from tests.conftest import TOKEN, TlsFiles, env_with, receiver_cmd, run, run_receiver
-from tests.soak_helpers import upgrade_request
+from tests.support.http import http_get
+from tests.support.wire import upgrade_request
 
 PCMU = codec_for(CLI_CODECS["pcmu"])
 
@@ -254,7 +255,7 @@ async def test_disk_full_at_the_final_stream_json_leaks_nothing_and_repair_finis
     assert "sink 'wav' failed" in log and "during close" in log and "File too large" in log
     assert "Traceback" not in log
     context = ssl.create_default_context(cafile=str(tls_files.cert))
-    metrics = await asyncio.to_thread(_get, server.port, "/metrics", context)
+    metrics = (await http_get(server.port, "/metrics", context))[2]
     assert 'receiver_sink_errors_total{sink="wav"} 1.0' in metrics
     assert server.stop() == 0
 
@@ -266,17 +267,6 @@ async def test_disk_full_at_the_final_stream_json_leaks_nothing_and_repair_finis
     assert record["tracks"]["inbound"]["samples"] == len(audio)
     np.testing.assert_array_equal(read_strict(directory / "inbound.wav"), PCMU.decode(audio))
     assert not marker.exists()
-
-
-def _get(port: int, path: str, context: ssl.SSLContext) -> str:
-    import http.client
-
-    conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
-    try:
-        conn.request("GET", path)
-        return conn.getresponse().read().decode()
-    finally:
-        conn.close()
 
 
 def test_repair_reports_each_problem_in_one_line_and_retries_what_it_could_not_write(

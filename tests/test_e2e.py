@@ -29,26 +29,12 @@ from tests.conftest import (
     url,
     wait_idle,
 )
-from tests.soak_helpers import upgrade_request
+from tests.support.http import http_get, metric
+from tests.support.recordings import list_tree, record_of, recording
+from tests.support.wire import start_frame, upgrade_request
 
 PCMU = codec_for(CLI_CODECS["pcmu"])
 PCMA = codec_for(CLI_CODECS["pcma"])
-
-
-def recording(receiver: Receiver, sid: str) -> Path:
-    """The directory of the (only) recording of ``sid``."""
-    path = receiver.settings.recordings_dir / sid
-    assert path.is_dir(), f"no recording directory for {sid}: {list_tree(receiver)}"
-    return path
-
-
-def list_tree(receiver: Receiver) -> list[str]:
-    root = receiver.settings.recordings_dir
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-
-
-def record_of(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / "stream.json").read_text())
 
 
 async def test_pcmu_both_tracks_sample_exact(
@@ -235,23 +221,6 @@ async def test_plain_ws_to_tls_port_fails(receiver: Receiver, client_ssl: ssl.SS
     assert await healthz(receiver, client_ssl) == 200
 
 
-async def http_get(
-    port: int, path: str, context: ssl.SSLContext | None
-) -> tuple[int, dict[str, str], str]:
-    """A raw HTTP/1.1 GET on loopback (TLS when ``context``), no token: status, headers, body."""
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", port, ssl=context, server_hostname="localhost" if context else None
-    )
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
-    await writer.drain()
-    data = await reader.read()
-    writer.close()
-    head, _, body = data.decode().partition("\r\n\r\n")
-    status_line, *header_lines = head.split("\r\n")
-    headers = dict(line.split(": ", 1) for line in header_lines)
-    return int(status_line.split()[1]), headers, body
-
-
 async def healthz(receiver: Receiver, context: ssl.SSLContext) -> int:
     """GET /healthz over TLS without a token; returns the status."""
     return (await http_get(receiver.port, "/healthz", context))[0]
@@ -286,20 +255,6 @@ async def send_raw(receiver: Receiver, context: ssl.SSLContext, frames: list[str
         async with asyncio.timeout(10):
             await ws.wait_closed()
     return ws.close_code, ws.close_reason
-
-
-def start_frame(sid: str, encoding: str = "audio/x-mulaw", rate: int = 8000) -> str:
-    return json.dumps(
-        {
-            "event": "start",
-            "sequenceNumber": "1",
-            "start": {
-                "streamSid": sid,
-                "tracks": ["inbound"],
-                "mediaFormat": {"encoding": encoding, "sampleRate": rate, "channels": 1},
-            },
-        }
-    )
 
 
 @pytest.mark.parametrize(
@@ -719,15 +674,6 @@ async def test_tokens_never_reach_the_logs(
     for secret in (TOKEN, OTHER_TOKEN, wrong):
         assert secret not in caplog.text
     assert TOKEN not in (recording(receiver, "quiet") / "stream.json").read_text()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """One sample's value from a Prometheus text exposition (0 when absent)."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{{wanted}}} " if labels else f"{name} "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 async def test_metrics_move_during_a_stream(

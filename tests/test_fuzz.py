@@ -62,6 +62,7 @@ from receiver.frames import TextFrames
 from receiver.protocol import MAX_JSON_DEPTH, StreamProtocol
 from receiver.session import AudioBatch, Session, TrackStats
 from tests.conftest import LONG_RUNS
+from tests.support.timeline import Timeline
 
 # ---------------------------------------------------------------------------------------------
 # Settings: a few hundred cases per property in the suite, a measured total under scripts/fuzz.
@@ -1108,26 +1109,6 @@ L16_CODECS = [name for name in CODECS if name.startswith("l16")]
 def make_session(codec: Codec, **kwargs: Any) -> Session:
     start = Start(stream_sid=StreamSid("fuzz"), media_format=codec.media_format)
     return Session(start, codec=codec, **kwargs)
-
-
-class Timeline:
-    """The sink's view: asserts the sink contract (each track contiguous from 0) as batches come."""
-
-    def __init__(self) -> None:
-        self.parts: dict[Track, list[NDArray[np.int16]]] = {}
-        self.lengths: dict[Track, int] = {}
-
-    def add(self, batches: list[AudioBatch]) -> None:
-        for batch in batches:
-            assert batch.track in ("inbound", "outbound")
-            assert batch.position == self.lengths.get(batch.track, 0), "batch not contiguous"
-            assert batch.samples.dtype == np.int16 and batch.samples.ndim == 1
-            self.parts.setdefault(batch.track, []).append(np.array(batch.samples))
-            self.lengths[batch.track] = batch.position + len(batch.samples)
-
-    def audio(self, track: Track) -> NDArray[np.int16]:
-        parts = self.parts.get(track)
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
 
 
 @dataclass

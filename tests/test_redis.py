@@ -35,6 +35,7 @@ from tests.conftest import (
     wait_idle,
 )
 from tests.redis_helpers import ConsumeProcess, RedisServer, consume_cmd, redis_factory
+from tests.support.recordings import record_of, recording
 
 PCMU = codec_for(CLI_CODECS["pcmu"])
 STREAM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\.[0-9a-f]{8}")
@@ -79,16 +80,6 @@ def options(prefix: str, *, flush_timeout_s: float = 2.0) -> RedisOptions:
     return RedisOptions(
         prefix=prefix, maxlen=100_000, ttl_s=86_400, flush_timeout_s=flush_timeout_s
     )
-
-
-def recording(receiver: Receiver, sid: str) -> Path:
-    path = receiver.settings.recordings_dir / sid
-    assert path.is_dir(), f"no recording of {sid}"
-    return path
-
-
-def record_of(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / "stream.json").read_text())
 
 
 def only_dir(root: Path) -> Path:

@@ -27,14 +27,13 @@ from tests.soak_helpers import (
     chaos,
     check_recordings,
     good_stream,
-    http_get,
     log_problems,
-    metric,
     proc_figures,
     report,
     server_process,
-    wait_until,
 )
+from tests.support.http import http_get, metric, metric_names
+from tests.support.waits import wait_until
 
 # pytest options, set before this module is imported (tests/conftest.py).
 CONNECTIONS = LONG_RUNS.soak_connections
@@ -93,9 +92,10 @@ def chaos_figures(result: ChaosResult) -> dict[str, Any]:
 
 async def check_healthy(target: Target, recordings: Path, sid: str) -> None:
     """/healthz 200, no live stream, and a new stream recorded sample-exact."""
-    assert (await http_get(target, "/healthz"))[0] == 200
-    status, body = await http_get(target, "/metrics")
+    assert (await http_get(target.port, "/healthz", target.client_ssl))[0] == 200
+    status, _, body = await http_get(target.port, "/metrics", target.client_ssl)
     assert status == 200
+    assert "receiver_streams_active" in metric_names(body)
     assert metric(body, "receiver_streams_active") == 0
     expected = await good_stream(target, sid)
     samples, rate = read_wav(recordings / sid / "inbound.wav")
