@@ -29,31 +29,24 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.chaos_support import (
+from tests.conftest import TOKEN, TlsFiles, env_with, read_wav, receiver_cmd
+from tests.support.clients import (
     ATTACKER_IPS,
-    Measured,
-    ProbeResult,
     abort,
-    chaos_server,
-    check_good_stream,
-    measure,
-    media_event,
+    good_stream,
     open_from,
     open_stream,
     read_frames,
-    save_row,
     target,
-)
-from tests.conftest import TOKEN, TlsFiles, env_with, read_wav, receiver_cmd
-from tests.soak_helpers import (
-    ServerProcess,
-    good_stream,
     until_ws_closed,
 )
+from tests.support.figures import Measured, measure, save_row
 from tests.support.http import http_get, metric_total
+from tests.support.probe import ProbeResult, check_good_stream
 from tests.support.recordings import record_of
+from tests.support.server_process import ServerProcess, chaos_server
 from tests.support.waits import wait_until
-from tests.support.wire import close_frame, read_status, upgrade_request, ws_frame
+from tests.support.wire import close_frame, media_event, read_status, upgrade_request, ws_frame
 
 FREEZE_LIMIT_MS = 200.0
 # At fd limit 1,024 `receiver serve` refuses to start on the defaults (500 streams of 4 fds,

@@ -18,21 +18,16 @@ import numpy as np
 
 from receiver.server import Receiver
 from tests.conftest import LONG_RUNS, TOKEN, StartReceiver, TlsFiles, read_wav
-from tests.soak_helpers import (
-    KINDS,
-    ChaosResult,
+from tests.support.clients import KINDS, ChaosResult, Target, chaos, check_recordings, good_stream
+from tests.support.figures import report
+from tests.support.http import http_get, metric, metric_names
+from tests.support.server_process import (
     ProcFigures,
     ServerProcess,
-    Target,
-    chaos,
-    check_recordings,
-    good_stream,
     log_problems,
     proc_figures,
-    report,
     server_process,
 )
-from tests.support.http import http_get, metric, metric_names
 from tests.support.waits import wait_until
 
 # pytest options, set before this module is imported (tests/conftest.py).

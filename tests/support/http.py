@@ -6,8 +6,7 @@ import asyncio
 import re
 import ssl
 
-HOST = "127.0.0.1"
-SERVER_NAME = "localhost"  # the name in the test certificate
+from tests.support.wire import HOST, SERVER_NAME
 
 
 async def http_get(

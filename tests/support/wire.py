@@ -8,9 +8,11 @@ import base64
 import json
 import os
 import struct
+from typing import Any
 
 from websockets.frames import Frame, Opcode
 
+HOST = "127.0.0.1"  # every test talks to loopback
 SERVER_NAME = "localhost"  # the name in the test certificate
 
 
@@ -82,3 +84,33 @@ async def read_close(reader: asyncio.StreamReader) -> tuple[int, bytes]:
         opcode, payload = await read_frame(reader)
         if opcode == Opcode.CLOSE:
             return struct.unpack("!H", payload[:2])[0], payload[2:]
+
+
+def start_event(sid: str, rate_hz: int, tracks: list[str]) -> dict[str, Any]:
+    return {
+        "event": "start",
+        "sequenceNumber": "1",
+        "start": {
+            "streamSid": sid,
+            "accountSid": "chaos-account",
+            "callSid": "chaos-call",
+            "tracks": tracks,
+            "mediaFormat": {"encoding": "audio/x-L16", "sampleRate": rate_hz, "channels": 1},
+        },
+    }
+
+
+def media_event(
+    seq: int,
+    track: str,
+    frame: int,
+    pcm: bytes,
+    *,
+    timestamp: bool = True,
+    chunk: int | None = None,
+) -> str:
+    media: dict[str, str] = {"track": track, "chunk": str(frame + 1 if chunk is None else chunk)}
+    if timestamp:
+        media["timestamp"] = str(frame * 20)
+    media["payload"] = base64.b64encode(pcm).decode()
+    return json.dumps({"event": "media", "sequenceNumber": str(seq), "media": media})
