@@ -54,7 +54,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     """``--screenshots DIR``: where tests/test_web.py saves the web page's screenshots.
     ``--chaos-long``, ``--chaos-report FILE``: tests/test_chaos.py at the issue's sizes (what
     `bash scripts/chaos` runs), each attack's figures collected in FILE. ``--fuzz-*`` and
-    ``--soak-*``: the sizes of tests/test_fuzz.py and tests/test_soak.py (``LongRuns``)."""
+    ``--soak-*``: the sizes of tests/test_fuzz_*.py and tests/test_soak.py (``LongRuns``)."""
     parser.addoption(
         "--screenshots",
         metavar="DIR",
@@ -64,7 +64,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     chaos = parser.getgroup("chaos", "the chaos suite (tests/test_chaos.py)")
     chaos.addoption("--chaos-long", action="store_true", help="run each attack at its full size")
     chaos.addoption("--chaos-report", default=None, help="append each attack's figures here")
-    group = parser.getgroup("receiver", "the long runs of tests/test_fuzz.py and test_soak.py")
+    group = parser.getgroup("receiver", "the long runs of tests/test_fuzz_*.py and test_soak.py")
     group.addoption(
         "--fuzz-examples",
         type=int,
@@ -102,6 +102,25 @@ def _hermetic_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith(("RECEIVER_", "SIGNALWIRE_")):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def _properties_only_when_fuzzing(request: pytest.FixtureRequest) -> None:
+    """Under scripts/fuzz, only the properties of tests/test_fuzz_*.py run: their fixed cases
+    run in the normal suite."""
+    fuzzing = request.module.__name__.startswith("tests.test_fuzz_")
+    if LONG_RUNS.fuzz_examples and fuzzing and not hasattr(request.function, "hypothesis"):
+        pytest.skip("not a property: runs in the normal suite")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fuzz_report() -> Iterator[None]:
+    """Write the measured fuzz case counts for scripts/fuzz once the session is done."""
+    yield
+    if LONG_RUNS.fuzz_report:
+        from tests.support.fuzzing import write_report
+
+        write_report(Path(LONG_RUNS.fuzz_report))
 
 
 def run(*argv: str | Path) -> None:
