@@ -230,10 +230,18 @@ def url(receiver: Receiver, path: str = "/media", *, scheme: str = "wss") -> str
 
 
 async def wait_idle(receiver: Receiver, *, timeout_s: float = 10.0) -> None:
-    """Wait until the receiver has finished every stream (files closed)."""
+    """Wait until the receiver has finished every stream (files closed).
+
+    The receiver announces no such moment: this wakes when one of its connection handlers
+    ends, and every 50 ms for a stream whose files are finished while its close handshake goes
+    on (it stops counting then, before its handler ends)."""
     async with asyncio.timeout(timeout_s):
         while receiver.active_streams:
-            await asyncio.sleep(0.01)
+            handlers = set(receiver._handlers)
+            if handlers:
+                await asyncio.wait(handlers, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await asyncio.sleep(0.05)
 
 
 def sox_decode(raw: Path, kind: str, rate: int = 8000) -> NDArray[np.int16]:

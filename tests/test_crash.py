@@ -25,7 +25,7 @@ from receiver.codecs import CLI_CODECS, codec_for
 from receiver.simulate import build_messages
 from tests.conftest import TOKEN, TlsFiles, env_with, receiver_cmd, run, run_receiver
 from tests.support.http import http_get
-from tests.support.wire import upgrade_request
+from tests.support.wire import upgrade_request, ws_frame
 
 PCMU = codec_for(CLI_CODECS["pcmu"])
 
@@ -157,7 +157,7 @@ async def test_a_client_that_sees_the_end_finds_its_files_complete(
     """Clients that send their whole stream, stop and close frame included, in one write each
     find both tracks complete the moment the server's end of the connection reaches them:
     the server answers the close only once the files are finished."""
-    from websockets.frames import Close, Frame, Opcode
+    from websockets.frames import Close, Opcode
 
     server = served(
         RECEIVER_TOKENS=TOKEN,
@@ -168,14 +168,14 @@ async def test_a_client_that_sees_the_end_finds_its_files_complete(
     root = server.cwd / "recordings"
     audio = PCMU.encode((np.arange(8000 * 6) % 4000 - 2000).astype(np.int16))
     expected = PCMU.decode(audio)
-    close = Frame(Opcode.CLOSE, Close(1000, "").serialize()).serialize(mask=True)
+    close = ws_frame(Close(1000, "").serialize(), opcode=Opcode.CLOSE)
 
     async def stream(number: int) -> list[int]:
         sid = f"whole-{number}"
         messages = build_messages(
             codec=PCMU, tracks={"inbound": audio, "outbound": audio}, stream_sid=sid
         )
-        frames = b"".join(Frame(Opcode.TEXT, m.encode()).serialize(mask=True) for m in messages)
+        frames = b"".join(ws_frame(m.encode()) for m in messages)
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", server.port, ssl=client_ssl, server_hostname="localhost"
         )

@@ -31,7 +31,8 @@ from tests.conftest import (
 )
 from tests.support.http import http_get, metric
 from tests.support.recordings import list_tree, record_of, recording
-from tests.support.wire import start_frame, upgrade_request
+from tests.support.waits import until
+from tests.support.wire import start_frame, upgrade_request, ws_frame
 
 PCMU = codec_for(CLI_CODECS["pcmu"])
 PCMA = codec_for(CLI_CODECS["pcma"])
@@ -477,9 +478,7 @@ async def test_shutdown_closes_with_1001_and_finishes_files(
     async with connect(url(receiver), ssl=client_ssl, additional_headers=headers) as ws:
         for frame in messages:
             await ws.send(frame)
-        async with asyncio.timeout(10):
-            while receiver.frames_received < len(messages) - 2:
-                await asyncio.sleep(0.01)
+        await until(lambda: receiver.frames_received >= len(messages) - 2)
         await receiver.shutdown(drain_timeout_s=0)
         await ws.wait_closed()
     assert ws.close_code == 1001
@@ -551,11 +550,10 @@ async def test_frames_sent_with_the_handshake_stay_with_websockets(
 ) -> None:
     """A client that sends its frames in the same write as its upgrade request (before the
     101) is read by websockets alone, frame by frame, and recorded sample-exact."""
-    from websockets.frames import Frame, Opcode
 
     audio = PCMU.encode(np.arange(-4000, 4000, 2, dtype=np.int16))
     messages = build_messages(codec=PCMU, tracks={"inbound": audio}, stream_sid="eager")
-    frames = b"".join(Frame(Opcode.TEXT, m.encode()).serialize(mask=True) for m in messages)
+    frames = b"".join(ws_frame(m.encode()) for m in messages)
     reader, writer = await asyncio.open_connection(
         "127.0.0.1", receiver.port, ssl=client_ssl, server_hostname="localhost"
     )
@@ -563,8 +561,7 @@ async def test_frames_sent_with_the_handshake_stay_with_websockets(
     async with asyncio.timeout(10):
         answer = await reader.readuntil(b"\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 101")
-        while receiver.counters["streams_ended", "stop"] == 0:
-            await asyncio.sleep(0.01)
+    await until(lambda: receiver.counters["streams_ended", "stop"] > 0)
     writer.close()
     await wait_idle(receiver)
     samples, _ = read_wav(recording(receiver, "eager") / "inbound.wav")
