@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import TOKEN, TlsFiles, env_with, read_wav, receiver_cmd
+from tests.support.audio import read_wav
 from tests.support.clients import (
     ATTACKER_IPS,
     abort,
@@ -40,9 +40,11 @@ from tests.support.clients import (
     target,
     until_ws_closed,
 )
+from tests.support.commands import env_with, receiver_cmd
 from tests.support.figures import Measured, measure, save_row
 from tests.support.http import http_get, metric_total
 from tests.support.probe import ProbeResult, check_good_stream
+from tests.support.receiver import TOKEN, TlsFiles
 from tests.support.recordings import record_of
 from tests.support.server_process import ServerProcess, chaos_server
 from tests.support.waits import wait_until

@@ -23,8 +23,10 @@ from websockets.asyncio.client import connect
 
 from receiver.codecs import CLI_CODECS, codec_for
 from receiver.simulate import build_messages
-from tests.conftest import TOKEN, TlsFiles, env_with, receiver_cmd, run, run_receiver
+from tests.support.audio import run
+from tests.support.commands import env_with, receiver_cmd, run_receiver
 from tests.support.http import http_get
+from tests.support.receiver import TOKEN, TlsFiles
 from tests.support.wire import upgrade_request, ws_frame
 
 PCMU = codec_for(CLI_CODECS["pcmu"])

@@ -19,17 +19,9 @@ from receiver.codecs import CLI_CODECS, codec_for
 from receiver.events import MediaFormat
 from receiver.server import Receiver
 from receiver.simulate import build_messages, play
-from tests.conftest import (
-    OTHER_TOKEN,
-    TOKEN,
-    StartReceiver,
-    read_wav,
-    sox_decode,
-    sox_encode,
-    url,
-    wait_idle,
-)
+from tests.support.audio import read_wav, sox_decode, sox_encode
 from tests.support.http import http_get, metric
+from tests.support.receiver import OTHER_TOKEN, TOKEN, StartReceiver, url, wait_idle
 from tests.support.recordings import list_tree, record_of, recording
 from tests.support.waits import until
 from tests.support.wire import start_frame, upgrade_request, ws_frame
@@ -96,7 +88,7 @@ async def test_l16_big_endian_setting(
     """With RECEIVER_L16_BYTE_ORDER=big, big-endian L16 (RTP order) is recorded sample-exact."""
     receiver = await start_receiver(l16_byte_order="big")
     raw = tmp_path / "in.s16be"
-    from tests.conftest import run
+    from tests.support.audio import run
 
     run("sox", speech["inbound"].wav[16000], "-t", "s16", "-e", "signed-integer", "-B", raw)
     codec = codec_for(MediaFormat("audio/l16", 16000), l16_byte_order="big")

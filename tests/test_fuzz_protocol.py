@@ -272,7 +272,7 @@ async def test_deeply_nested_start_is_recorded_or_refused(start_receiver: Any) -
     the old crash band, are refused (1007) and write nothing."""
     from websockets.asyncio.client import connect
 
-    from tests.conftest import TOKEN
+    from tests.support.receiver import TOKEN
 
     # Plain ws (the handshakes are the cost): the nesting is what matters, not the TLS.
     receiver = await start_receiver(tls_on=False)

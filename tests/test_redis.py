@@ -24,18 +24,11 @@ from receiver.simulate import build_messages, play
 from receiver.sinks import WavSink
 from receiver.sinks.base import StreamEnd, StreamInfo, StreamSummary
 from receiver.sinks.redis.sink import RedisOptions, RedisPublisher, RedisSink, RedisSinkError
-from tests.conftest import (
-    TOKEN,
-    StartReceiver,
-    free_port,
-    read_wav,
-    sox_decode,
-    sox_encode,
-    url,
-    wait_idle,
-)
-from tests.redis_helpers import ConsumeProcess, RedisServer, consume_cmd, redis_factory
+from tests.support.audio import read_wav, sox_decode, sox_encode
+from tests.support.commands import free_port
+from tests.support.receiver import TOKEN, StartReceiver, url, wait_idle
 from tests.support.recordings import record_of, recording
+from tests.support.redis_server import ConsumeProcess, RedisServer, consume_cmd, redis_factory
 
 PCMU = codec_for(CLI_CODECS["pcmu"])
 STREAM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\.[0-9a-f]{8}")

@@ -23,8 +23,9 @@ from receiver.logs import JsonFormatter
 from receiver.metrics import COUNTERS
 from receiver.server import Receiver
 from receiver.simulate import build_messages
-from tests.conftest import TOKEN, StartReceiver, free_port, url, wait_idle
+from tests.support.commands import free_port
 from tests.support.http import http_get
+from tests.support.receiver import TOKEN, StartReceiver, url, wait_idle
 from tests.support.recordings import record_of, recording
 from tests.support.waits import until
 from tests.support.wire import read_close, read_head, start_frame, upgrade_request, ws_frame

@@ -17,10 +17,12 @@ from typing import Any
 import numpy as np
 
 from receiver.server import Receiver
-from tests.conftest import LONG_RUNS, TOKEN, StartReceiver, TlsFiles, read_wav
+from tests.support.audio import read_wav
 from tests.support.clients import KINDS, ChaosResult, Target, chaos, check_recordings, good_stream
 from tests.support.figures import report
 from tests.support.http import http_get, metric, metric_names
+from tests.support.options import LONG_RUNS
+from tests.support.receiver import TOKEN, StartReceiver, TlsFiles
 from tests.support.server_process import (
     ProcFigures,
     ServerProcess,

@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 
 from receiver.codecs import CLI_CODECS, codec_for
 from receiver.simulate import build_messages
-from tests.conftest import TOKEN
+from tests.support.receiver import TOKEN
 from tests.support.server_process import ServerProcess
 from tests.support.wire import (
     HOST,

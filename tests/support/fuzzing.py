@@ -35,7 +35,7 @@ from receiver.exceptions import (
     UnsupportedMedia,
 )
 from receiver.protocol import StreamProtocol
-from tests.conftest import LONG_RUNS
+from tests.support.options import LONG_RUNS
 
 # ---------------------------------------------------------------------------------------------
 # Settings: a few hundred cases per property in the suite, a measured total under scripts/fuzz.

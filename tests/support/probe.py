@@ -27,7 +27,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from receiver import tls
-from tests.conftest import TOKEN, read_wav
+from tests.support.audio import read_wav
+from tests.support.receiver import TOKEN
 from tests.support.server_process import proc_figures, raise_priority
 from tests.support.wire import SERVER_NAME, media_event, start_event
 

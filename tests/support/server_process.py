@@ -7,15 +7,14 @@ import contextlib
 import os
 import resource
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tests.conftest import TOKEN, TlsFiles
+from tests.support.commands import env_with, free_port, receiver_cmd
+from tests.support.receiver import TOKEN, TlsFiles
 from tests.support.waits import wait_until
 from tests.support.wire import HOST
 
@@ -85,33 +84,39 @@ signal.signal(signal.SIGUSR2, _collect)
 
 
 class ServerProcess:
-    """`python -m receiver serve` on 127.0.0.1 and a free port, its log in a file."""
+    """`python -m receiver serve` on a free port (127.0.0.1 unless ``env`` says otherwise), its
+    log in a file; ``env`` over this process's environment without RECEIVER_* variables, a
+    drain timeout of 1 s and the web page off (unless ``env`` says otherwise). ``gc_hook``
+    puts in the SIGUSR2 garbage collection above (``collect_garbage``)."""
 
     def __init__(
-        self, cwd: Path, env: dict[str, str], *, preexec_fn: Callable[[], None] | None = None
+        self,
+        cwd: Path,
+        env: dict[str, str],
+        *,
+        preexec_fn: Callable[[], None] | None = None,
+        gc_hook: bool = False,
     ) -> None:
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            self.port = int(s.getsockname()[1])
+        self.port = free_port()
+        self.cwd = cwd
         self.log = cwd / "serve.log"
-        hook = cwd / "gc-hook"
-        hook.mkdir(exist_ok=True)
-        (hook / "sitecustomize.py").write_text(GC_HOOK)
+        defaults = {"RECEIVER_HOST": HOST, "RECEIVER_DRAIN_TIMEOUT_S": "1"}
+        self.env = env_with(**{**defaults, **env, "RECEIVER_PORT": str(self.port)})
         self.gc_ack = cwd / "gc-ack"
-        self.gc_ack.write_text("")
-        base = {k: v for k, v in os.environ.items() if not k.startswith("RECEIVER_")}
-        base["RECEIVER_UI_PORT"] = ""  # the web page is off: its port is not this test's
-        base.update(env)
-        base.update(RECEIVER_HOST=HOST, RECEIVER_PORT=str(self.port))
-        base["PYTHONPATH"] = os.pathsep.join(
-            [str(hook), *filter(None, [os.environ.get("PYTHONPATH")])]
-        )
-        base["SOAK_GC_ACK"] = str(self.gc_ack)
+        if gc_hook:
+            hook = cwd / "gc-hook"
+            hook.mkdir(exist_ok=True)
+            (hook / "sitecustomize.py").write_text(GC_HOOK)
+            self.gc_ack.write_text("")
+            self.env["PYTHONPATH"] = os.pathsep.join(
+                [str(hook), *filter(None, [os.environ.get("PYTHONPATH")])]
+            )
+            self.env["SOAK_GC_ACK"] = str(self.gc_ack)
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "receiver", "serve"],
+                receiver_cmd("serve"),
                 cwd=cwd,
-                env=base,
+                env=self.env,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
                 preexec_fn=preexec_fn,  # only setrlimit (server_preexec)
@@ -121,11 +126,13 @@ class ServerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
-    def wait_listening(self, timeout_s: float = 30.0) -> None:
+    def wait_listening(self, timeout_s: float = 30.0) -> str:
+        """The log once the server says it listens (another process: polled every 50 ms)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if "listening on" in self.log.read_text():
-                return
+            text = self.log.read_text()
+            if "listening on" in text:
+                return text
             if self.proc.poll() is not None:
                 raise AssertionError(f"receiver exited: {self.log.read_text()}")
             time.sleep(0.05)
@@ -157,7 +164,7 @@ class ServerProcess:
 @contextlib.contextmanager
 def server_process(cwd: Path, env: dict[str, str]) -> Iterator[ServerProcess]:
     """A listening receiver subprocess, always stopped (killed if need be) afterwards."""
-    server = ServerProcess(cwd, env)
+    server = ServerProcess(cwd, env, gc_hook=True)
     try:
         server.wait_listening()
         yield server
@@ -221,7 +228,7 @@ def chaos_server(
         "RECEIVER_UI_PORT": "",
         **(env or {}),
     }
-    server = ServerProcess(root, values, preexec_fn=server_preexec(nofile))
+    server = ServerProcess(root, values, preexec_fn=server_preexec(nofile), gc_hook=True)
     try:
         server.wait_listening()
         yield server
