@@ -44,6 +44,7 @@ class Count(StrEnum):
     CLOSE_TIMEOUTS = "close_timeouts"
     HEALTH_FAILURES = "health_failures"
     MEMORY_TRIMS = "memory_trims"
+    CONNECTIONS_CLOSED = "connections_closed"
     DROPPED = "dropped"
 
 
@@ -82,6 +83,9 @@ COUNTERS: dict[Count, CounterSpec] = {
         None, "Connections cut after our close frame went unanswered for the close timeout."
     ),
     Count.HEALTH_FAILURES: CounterSpec("reason", "/healthz answers of 503, by reason."),
+    Count.CONNECTIONS_CLOSED: CounterSpec(
+        None, "Connections admitted at accept that are closed (streams, requests, failed TLS)."
+    ),
     Count.MEMORY_TRIMS: CounterSpec(
         None, "malloc_trim calls after floods of connections (memory handed back to the OS)."
     ),
