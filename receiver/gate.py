@@ -17,6 +17,7 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Executor
 
 from receiver.metrics import Count, Counters
 from receiver.text import shorten
@@ -39,9 +40,12 @@ class MemoryTrimmer:
     The trim takes 20-40 ms, so it runs in a thread. Not glibc: nothing to do.
     """
 
-    def __init__(self, gate: ConnectionGate, counters: Counters) -> None:
+    def __init__(
+        self, gate: ConnectionGate, counters: Counters, *, executor: Executor | None = None
+    ) -> None:
         self._gate = gate
         self._counters = counters
+        self._executor = executor
         self._trimmed_at = 0
         self._trim: Callable[[int], int] | None = None
         with contextlib.suppress(OSError, AttributeError):
@@ -56,7 +60,8 @@ class MemoryTrimmer:
             ended = self._gate.handshakes_ended
             if ended - self._trimmed_at >= TRIM_AFTER_CONNECTIONS:
                 self._trimmed_at = ended
-                await asyncio.to_thread(self._trim, 0)
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._executor, self._trim, 0)
                 self._counters.add(Count.MEMORY_TRIMS)
 
 
