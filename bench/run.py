@@ -98,8 +98,9 @@ def server(
             RECEIVER_TLS_CERT=str(work.cert),
             RECEIVER_TLS_KEY=str(work.key),
             RECEIVER_RECORDINGS_DIR=str(recordings),
-            # 4 fds a stream must fit the fd limit (receiver serve refuses to start otherwise)
-            RECEIVER_MAX_STREAMS="4000",
+            # As many as the fd limit holds (4 fds a stream; serve refuses more): the runs
+            # need at most 1,000 streams.
+            RECEIVER_MAX_STREAMS="3000",
             RECEIVER_MAX_CONNECTIONS_PER_IP="10000",
             RECEIVER_MAX_PENDING_HANDSHAKES_PER_IP="1000",
             RECEIVER_UI_PORT="",  # the web page is off: 8080 may be taken on a shared machine

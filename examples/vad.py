@@ -96,7 +96,7 @@ async def main() -> None:
     from receiver import Receiver, load_settings
     from receiver.cli import _server_tls, check_recordings_dir
     from receiver.logs import setup_logging
-    from receiver.sinks import load_sink_factories
+    from receiver.sinks import sink_factories_for
 
     settings = load_settings()
     if not settings.tokens:
@@ -104,7 +104,7 @@ async def main() -> None:
     setup_logging(level=settings.log_level, log_format=settings.log_format)
     check_recordings_dir(settings.recordings_dir)  # creates it, as `receiver serve` does
     live = LiveAudio()
-    factories = [*load_sink_factories(settings.sinks), live.sink()]
+    factories = [*sink_factories_for(settings), live.sink()]
     receiver = Receiver(settings, ssl_context=_server_tls(settings), sink_factories=factories)
     await receiver.start()
     print(f"VAD listening on port {receiver.port}", flush=True)

@@ -1,5 +1,5 @@
 """The ``receiver`` command: ``serve``, ``repair``, ``health``, ``simulate``, ``streams``,
-``consume``.
+``consume``, ``upload``.
 
 Reads settings once (flags over ``RECEIVER_*`` over ``.env``), sets up logging and TLS, picks
 the sinks and runs. Every failure a user can cause is one line on stderr, never a traceback.
@@ -224,6 +224,8 @@ def _serve(args: argparse.Namespace) -> int:
     _report_interrupted(settings.recordings_dir)
     if not settings.tokens:
         token = secrets.token_urlsafe(32)
+        while token.startswith("-"):  # `--token -x...` would read as a flag: 1 in 64 tokens
+            token = secrets.token_urlsafe(32)
         settings = settings.model_copy(update={"tokens": [SecretStr(token)]})
         print(
             "No RECEIVER_TOKENS set: this run accepts only this generated bearer token "
@@ -408,8 +410,8 @@ def _report_interrupted(recordings_dir: Path) -> None:
     interrupted = find_interrupted(recordings_dir)
     if interrupted:
         logger.warning(
-            "%d stream(s) were interrupted by an earlier crash (e.g. %s); their WAV files are "
-            "readable as they are: run `receiver repair %s` to finish them",
+            "%d stream(s) were interrupted by an earlier crash or a full disk (e.g. %s); their WAV "
+            "files are readable as they are: run `receiver repair %s` to finish them",
             len(interrupted),
             interrupted[0],
             recordings_dir,

@@ -3,7 +3,8 @@
 Decoders are 256-entry lookup tables, encoders 65536-entry ones, built once at import from the
 ITU-T G.711 segment rules as the classic Sun ``g711.c`` states them (the same arithmetic as
 Python 3.11's ``audioop``, sox and libsndfile, which the tests compare against bit for bit).
-One ``np.take`` per call: decoding a 200 ms batch costs about what one 20 ms frame does.
+One ``np.take`` per call, so a batch of frames is decoded at once (``python -m bench.core``
+measures the per-frame cost of the whole core).
 """
 
 from __future__ import annotations

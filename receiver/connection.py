@@ -16,6 +16,11 @@ while the stream is live (its answer to a client's close; its own close for a fr
 invalid UTF-8, bad framing, a keepalive timeout): ``send_data`` keeps it, ``consume`` raises
 ``ConnectionClosed`` as if the connection had ended, and ``release()`` sends it.
 
+A read is handed on in slices of ``_SLICE_BYTES``; once one read has taken ``_TICK_BUDGET_S``
+of the loop, the rest waits (reading paused) for the loop's next round, so that a burst of
+cheap frames that are costly in bulk (60,000 DTMF events, a ping flood: uvloop reads a
+connection up to 32 times a wake-up) cannot hold every other stream for a second.
+
 Every write goes through ``_write``, which aborts a connection whose unsent bytes pass the
 gate's limit (a client that pings and never reads its pongs), and the gate counts the
 connection (admitted at accept by ``receiver.listener``) as a handshake in progress until its
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -46,6 +52,10 @@ from receiver.gate import ConnectionGate, PendingHandshake
 # Reading pauses while this much received text waits for the consumer (websockets' own queue
 # pauses at 16 messages): a bound on each connection's memory when the handler is not reading.
 _PAUSE_AT_BYTES = 256 * 1024
+# One read is handed on this much at a time, and yields the loop once it has taken the budget:
+# 4 KiB is ~680 empty pings (~10 ms for websockets to answer) or 3 media frames (~0.1 ms).
+_SLICE_BYTES = 4096
+_TICK_BUDGET_S = 0.005
 
 _BAD_REQUEST = (
     b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -82,6 +92,7 @@ class StreamConnection(ServerConnection):
         self._consumer: Consumer[Any] | None = None
         self._outcome: asyncio.Future[Any] | None = None
         self._reading_paused = False
+        self._backlog: bytearray | None = None  # the rest of a read, while the loop is yielded
         self._ended = False  # the consumer ended the stream (returned or raised)
         self._held = bytearray()  # what came after that, until release()
 
@@ -180,6 +191,7 @@ class StreamConnection(ServerConnection):
     def release(self) -> None:
         """Files finished (or the client gone): what websockets sent meanwhile goes out,
         websockets gets every byte held, and reads on."""
+        self._drain_backlog()
         self._live = False
         deferred, self._deferred = self._deferred, []
         if deferred and not self.transport.is_closing():
@@ -243,6 +255,46 @@ class StreamConnection(ServerConnection):
             self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        if self._backlog is not None:
+            self._backlog += data  # came while the loop is yielded: it waits its turn
+        elif len(data) <= _SLICE_BYTES:
+            self._receive(data)
+        else:
+            self._receive_sliced(data)
+
+    def _receive_sliced(self, data: bytes) -> None:
+        """``data`` a slice at a time; past the budget, the rest waits for the next round."""
+        started = time.perf_counter()
+        view = memoryview(data)
+        for offset in range(0, len(data), _SLICE_BYTES):
+            if offset and time.perf_counter() - started > _TICK_BUDGET_S:
+                self._backlog = bytearray(view[offset:])
+                if not self._reading_paused:
+                    self.transport.pause_reading()
+                self.loop.call_soon(self._continue)
+                return
+            self._receive(bytes(view[offset : offset + _SLICE_BYTES]))
+
+    def _continue(self) -> None:
+        """The loop's next round: hand on the rest of the read, then read again."""
+        backlog, self._backlog = self._backlog, None
+        if backlog is None:
+            return  # drained already (the connection ended)
+        self._receive_sliced(bytes(backlog))
+        if self._backlog is None and not self._reading_paused and not self._queue_paused():
+            self.transport.resume_reading()
+
+    def _drain_backlog(self) -> None:
+        """The connection ends: what waits of a read is handed on at once, never lost."""
+        backlog, self._backlog = self._backlog, None
+        if backlog:
+            self._receive(bytes(backlog))
+
+    def _queue_paused(self) -> bool:
+        """websockets' own message queue paused reading (on its path)."""
+        return self._frames is None and bool(getattr(self.recv_messages, "paused", False))
+
+    def _receive(self, data: bytes) -> None:
         frames = self._frames
         if frames is None:
             super().data_received(data)
@@ -262,11 +314,14 @@ class StreamConnection(ServerConnection):
                 self._hand_back(split.handback)
 
     def eof_received(self) -> None:
+        self._drain_backlog()
         self.release()  # the client is gone: websockets reports what is incomplete
         super().eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._drain_backlog()
         self.handshake_over()
+        self.gate.closed()
         self._frames = None
         super().connection_lost(exc)
         self._wake()
@@ -305,12 +360,14 @@ class StreamConnection(ServerConnection):
     def _pause(self) -> None:
         if not self._reading_paused:
             self._reading_paused = True
-            self.transport.pause_reading()
+            if self._backlog is None:  # else paused already, for the loop's next round
+                self.transport.pause_reading()
 
     def _resume(self) -> None:
         if self._reading_paused:
             self._reading_paused = False
-            self.transport.resume_reading()
+            if self._backlog is None:  # else _continue resumes once the read is handed on
+                self.transport.resume_reading()
 
     def _hand_back(self, data: bytes) -> None:
         """websockets parses everything from ``data`` on; ``consume`` goes on with it."""

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import gc
 import logging
 import ssl
 import time
@@ -26,8 +27,10 @@ logger = logging.getLogger("receiver.gate")
 
 
 # After this many connections ended, freed memory is handed back to the OS (MemoryTrimmer).
-TRIM_AFTER_CONNECTIONS = 1000
-_TRIM_CHECK_S = 5.0
+TRIM_AFTER_CONNECTIONS = 100
+# Under steady churn there is no quiet second: trim anyway after this many.
+TRIM_ANYWAY_AFTER_CONNECTIONS = 1000
+_TRIM_CHECK_S = 1.0
 
 
 class MemoryTrimmer:
@@ -52,14 +55,23 @@ class MemoryTrimmer:
             self._trim = ctypes.CDLL("libc.so.6").malloc_trim
 
     async def run(self) -> None:
-        """Check every few seconds; trim once enough connections ended since the last trim."""
+        """Check every second; trim once enough connections closed since the last trim and the
+        wave of them is over, or after many in any case."""
         if self._trim is None:
             return
+        seen = 0
         while True:
             await asyncio.sleep(_TRIM_CHECK_S)
-            ended = self._gate.handshakes_ended
-            if ended - self._trimmed_at >= TRIM_AFTER_CONNECTIONS:
-                self._trimmed_at = ended
+            closed, since = self._gate.connections_closed, self._gate.connections_closed - seen
+            seen = closed
+            due = closed - self._trimmed_at
+            # "Over": under a tenth of that closed in the last second (health checks go on).
+            wave_over = due >= TRIM_AFTER_CONNECTIONS and since < TRIM_AFTER_CONNECTIONS // 10
+            if wave_over or due >= TRIM_ANYWAY_AFTER_CONNECTIONS:
+                self._trimmed_at = closed
+                # An ended connection's objects are in reference cycles: until a full collection
+                # frees them, their memory is not free for the trim to hand back.
+                gc.collect()
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(self._executor, self._trim, 0)
                 self._counters.add(Count.MEMORY_TRIMS)
@@ -130,7 +142,7 @@ class ConnectionGate:
         self.max_write_buffer_bytes = max_write_buffer_bytes
         self.pending = 0
         self.pending_per_ip: Counter[str] = Counter()
-        self.handshakes_ended = 0  # every admitted connection, once its handshake is over
+        self.connections_closed = 0  # every admitted connection, once it is closed
         self._log = RateLimitedLog(logger)
 
     def admit(self, ip: str) -> PendingHandshake | None:
@@ -146,8 +158,11 @@ class ConnectionGate:
         self.pending_per_ip[ip] += 1
         return PendingHandshake(self, ip)
 
+    def closed(self) -> None:
+        """An admitted connection is closed (the memory trim counts them)."""
+        self.connections_closed += 1
+
     def _over(self, ip: str) -> None:
-        self.handshakes_ended += 1
         self.pending -= 1
         self.pending_per_ip[ip] -= 1
         if not self.pending_per_ip[ip]:

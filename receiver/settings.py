@@ -104,8 +104,9 @@ class Settings(BaseSettings):
     upload_url: str | None = None
     # Delete the local copy once every file of a stream is verified in the store.
     upload_delete_local: bool = False
-    # Multipart part size; an upload holds at most part size x concurrency in memory.
-    upload_part_bytes: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024, le=1024**3)
+    # Multipart part size (S3's minimum is 5 MiB); an upload holds about part size x concurrency
+    # in memory (tests/test_upload.py measures it). More parts in flight: faster, more RAM.
+    upload_part_bytes: int = Field(default=5 * 1024 * 1024, ge=5 * 1024 * 1024, le=1024**3)
     upload_concurrency: int = Field(default=2, ge=1, le=16)
     # One request to the store (a part, a HEAD) fails after this long and is retried.
     upload_timeout_s: float = Field(default=60.0, gt=0, le=3600)

@@ -34,14 +34,66 @@ SENTENCES = {
 }
 
 
+@dataclass
+class LongRuns:
+    """Sizes of the long runs, from pytest options (``scripts/fuzz`` and ``scripts/soak`` pass
+    them); the defaults are the suite's short versions. Set in ``pytest_configure``, before any
+    test module is imported, so that test modules may size their decorators from them."""
+
+    fuzz_examples: int = 0
+    fuzz_report: str | None = None
+    soak_connections: int = 100
+    soak_seed: int = 20241125
+    soak_report: str | None = None
+
+
+LONG_RUNS = LongRuns()
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
-    """``--screenshots DIR``: where tests/test_web.py saves the web page's screenshots."""
+    """``--screenshots DIR``: where tests/test_web.py saves the web page's screenshots.
+    ``--chaos-long``, ``--chaos-report FILE``: tests/test_chaos.py at the issue's sizes (what
+    `bash scripts/chaos` runs), each attack's figures collected in FILE. ``--fuzz-*`` and
+    ``--soak-*``: the sizes of tests/test_fuzz.py and tests/test_soak.py (``LongRuns``)."""
     parser.addoption(
         "--screenshots",
         metavar="DIR",
         default=None,
         help="save the web page's screenshots to DIR (docs to update the README's)",
     )
+    chaos = parser.getgroup("chaos", "the chaos suite (tests/test_chaos.py)")
+    chaos.addoption("--chaos-long", action="store_true", help="run each attack at its full size")
+    chaos.addoption("--chaos-report", default=None, help="append each attack's figures here")
+    group = parser.getgroup("receiver", "the long runs of tests/test_fuzz.py and test_soak.py")
+    group.addoption(
+        "--fuzz-examples",
+        type=int,
+        default=LongRuns.fuzz_examples,
+        help="generated cases in total over every property, and only the properties run "
+        "(default 0: a few hundred cases each, with the fixed cases)",
+    )
+    group.addoption("--fuzz-report", help="write the cases run, counted, to this JSON file")
+    group.addoption(
+        "--soak-connections",
+        type=int,
+        default=LongRuns.soak_connections,
+        help="connections the soak opens and cuts (default %(default)s)",
+    )
+    group.addoption(
+        "--soak-seed",
+        type=int,
+        default=LongRuns.soak_seed,
+        help="seed of the soak's choices, to replay a run (default %(default)s)",
+    )
+    group.addoption("--soak-report", help="write the soak's before/after figures to this file")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    LONG_RUNS.fuzz_examples = config.getoption("--fuzz-examples")
+    LONG_RUNS.fuzz_report = config.getoption("--fuzz-report")
+    LONG_RUNS.soak_connections = config.getoption("--soak-connections")
+    LONG_RUNS.soak_seed = config.getoption("--soak-seed")
+    LONG_RUNS.soak_report = config.getoption("--soak-report")
 
 
 @pytest.fixture(autouse=True)

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from websockets.frames import Frame, Opcode
 
 from receiver.codecs import CLI_CODECS, codec_for
 from receiver.simulate import build_messages
@@ -104,7 +105,9 @@ signal.signal(signal.SIGUSR2, _collect)
 class ServerProcess:
     """`python -m receiver serve` on 127.0.0.1 and a free port, its log in a file."""
 
-    def __init__(self, cwd: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, cwd: Path, env: dict[str, str], *, preexec_fn: Callable[[], None] | None = None
+    ) -> None:
         with socket.socket() as s:
             s.bind((HOST, 0))
             self.port = int(s.getsockname()[1])
@@ -115,6 +118,7 @@ class ServerProcess:
         self.gc_ack = cwd / "gc-ack"
         self.gc_ack.write_text("")
         base = {k: v for k, v in os.environ.items() if not k.startswith("RECEIVER_")}
+        base["RECEIVER_UI_PORT"] = ""  # the web page is off: its port is not this test's
         base.update(env)
         base.update(RECEIVER_HOST=HOST, RECEIVER_PORT=str(self.port))
         base["PYTHONPATH"] = os.pathsep.join(
@@ -128,6 +132,7 @@ class ServerProcess:
                 env=base,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
+                preexec_fn=preexec_fn,  # only setrlimit (tests/chaos_support.py)
             )
 
     @property
@@ -215,19 +220,8 @@ def client_hello(context: ssl.SSLContext) -> bytes:
 
 
 def ws_frame(payload: bytes, *, opcode: int = 0x1, fin: bool = True) -> bytes:
-    """One masked client frame (RFC 6455 section 5.2)."""
-    length = len(payload)
-    head = bytes([(0x80 if fin else 0) | opcode])
-    if length < 126:
-        head += bytes([0x80 | length])
-    elif length < 65536:
-        head += bytes([0x80 | 126]) + struct.pack("!H", length)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack("!Q", length)
-    mask = os.urandom(4)
-    data = np.frombuffer(payload, dtype=np.uint8)
-    key = np.resize(np.frombuffer(mask, dtype=np.uint8), len(data))
-    return head + mask + (data ^ key).tobytes()
+    """One masked client frame (RFC 6455 section 5.2), framed by websockets."""
+    return Frame(Opcode(opcode), payload, fin=fin).serialize(mask=True)
 
 
 def close_frame(code: int = 1000) -> bytes:

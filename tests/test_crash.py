@@ -4,6 +4,7 @@ last batch, and `receiver repair` finishes them and marks the streams interrupte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -202,8 +203,13 @@ def _file_size_limit(limit_bytes: int) -> Callable[[], None]:
     return limit
 
 
-def _open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+def _files_open_under(pid: int, root: Path) -> list[str]:
+    """The files under ``root`` that process ``pid`` holds open."""
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return sorted(link for link in links if link.startswith(str(root)))
 
 
 async def test_disk_full_at_the_final_stream_json_leaks_nothing_and_repair_finishes_it(
@@ -218,37 +224,27 @@ async def test_disk_full_at_the_final_stream_json_leaks_nothing_and_repair_finis
         preexec_fn=_file_size_limit(256 * 1024),
     )
     server.wait_listening()
-    # uvloop opens /dev/null once, at the first socket handed to it (connect_accepted_socket):
-    # a /healthz probe first, so that the baseline holds it.
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", server.port, ssl=client_ssl, server_hostname="localhost"
-    )
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
-    await reader.read()
-    writer.close()
-    await writer.wait_closed()
-    after_probe = _open_fds(server.proc.pid)
-    deadline = time.monotonic() + 2
-    while _open_fds(server.proc.pid) >= after_probe and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)  # the probe's socket may still be closing, in another process
-    baseline = _open_fds(server.proc.pid)
     root = server.cwd / "recordings"
     audio = PCMU.encode((np.arange(8000 * 2) % 4000 - 2000).astype(np.int16))
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    url = f"wss://localhost:{server.port}/"
+
+    async def stream(messages: list[str]) -> None:
+        async with connect(url, ssl=client_ssl, additional_headers=headers) as ws:
+            for message in messages:
+                await ws.send(message)
+            await ws.wait_closed()
+
     messages = build_messages(codec=PCMU, tracks={"inbound": audio}, stream_sid="full")
     # 2,000 marks of 200 characters: a final stream.json of ~500 KB, past the 256 KiB limit.
     marks = [
         json.dumps({"event": "mark", "mark": {"name": f"{i:04}" + "m" * 196}}) for i in range(2000)
     ]
-    headers = {"Authorization": f"Bearer {TOKEN}"}
-    url = f"wss://localhost:{server.port}/"
-    async with connect(url, ssl=client_ssl, additional_headers=headers) as ws:
-        for message in [*messages[:-1], *marks, messages[-1]]:
-            await ws.send(message)
-        await ws.wait_closed()
+    await stream([*messages[:-1], *marks, messages[-1]])
     deadline = time.monotonic() + 10
-    while _open_fds(server.proc.pid) > baseline and time.monotonic() < deadline:
+    while _files_open_under(server.proc.pid, root) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)  # another process: nothing to await but its fds
-    assert _open_fds(server.proc.pid) == baseline
+    assert _files_open_under(server.proc.pid, root) == []  # the marker's fd leaked here
     directory = root / "full"
     assert sorted(p.name for p in directory.iterdir()) == ["inbound.wav", "stream.json"]
     assert json.loads((directory / "stream.json").read_text())["status"] == "recording"

@@ -1,9 +1,9 @@
 """Property-based fuzzing of the sans-I/O core: the parser turns any text into an event or a
 ``ProtocolError``, and the session keeps the sink contract and the timeline for any frames.
 
-The normal suite runs each property on a few hundred cases. ``scripts/fuzz`` sets
-``RECEIVER_FUZZ_EXAMPLES`` (the total over every property) and ``RECEIVER_FUZZ_REPORT`` (where
-the cases actually run are counted), and prints that count.
+The normal suite runs each property on a few hundred cases. ``scripts/fuzz`` passes
+``--fuzz-examples`` (the total over every property) and ``--fuzz-report`` (where the cases
+actually run are counted) to pytest (tests/conftest.py), and prints that count.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 from hypothesis.errors import HypothesisException
 from numpy.typing import NDArray
+from websockets.frames import Frame, Opcode
 
 from receiver.codecs import (
     Codec,
@@ -60,13 +61,14 @@ from receiver.exceptions import (
 from receiver.frames import TextFrames
 from receiver.protocol import MAX_JSON_DEPTH, StreamProtocol
 from receiver.session import AudioBatch, Session, TrackStats
+from tests.conftest import LONG_RUNS
 
 # ---------------------------------------------------------------------------------------------
 # Settings: a few hundred cases per property in the suite, a measured total under scripts/fuzz.
 
-# Read at import: the autouse _hermetic_env fixture removes RECEIVER_* variables during tests.
-FUZZ_TOTAL = int(os.environ.get("RECEIVER_FUZZ_EXAMPLES") or 0)
-FUZZ_REPORT = os.environ.get("RECEIVER_FUZZ_REPORT")
+# pytest options, set before this module is imported (tests/conftest.py).
+FUZZ_TOTAL = LONG_RUNS.fuzz_examples
+FUZZ_REPORT = LONG_RUNS.fuzz_report
 # Properties decorated with @fuzz below; scripts/fuzz checks the measured total, so a property
 # added without updating this number only shifts each one's share.
 PROPERTIES = 16
@@ -1762,21 +1764,24 @@ def client_frame(draw: st.DrawFn) -> bytes:
 def build_frame(
     fin: bool, rsv: int, opcode: int, masked: bool, payload: bytes, draw: st.DrawFn
 ) -> bytes:
-    """RFC 6455 framing; the length in its shortest form or, sometimes, a longer one."""
+    """RFC 6455 framing by websockets (``Frame.serialize``, which masks), then the header bent
+    where the case asks: reserved bits or opcode, a control frame websockets would refuse to
+    build, the length in a longer form than the shortest (legal, and parsed alike)."""
+    # A binary frame passes Frame.check whatever its size or fin; the real opcode goes in after.
+    frame = Frame(Opcode.BINARY, payload, fin=fin).serialize(mask=masked)
+    first = bytes([(0x80 if fin else 0) | rsv | opcode])
+    short = frame[1] & 0x7F
+    rest = frame[2 + {126: 2, 127: 8}.get(short, 0) :]  # the mask key and the masked payload
+    mask_bit = frame[1] & 0x80
     size = len(payload)
     form = draw(st.sampled_from(["short"] * 4 + ["16", "64"]))
     if size < 126 and form == "short":
-        length = bytes([size])
+        length = bytes([mask_bit | size])
     elif size < 65536 and form != "64":
-        length = bytes([126]) + size.to_bytes(2, "big")
+        length = bytes([mask_bit | 126]) + size.to_bytes(2, "big")
     else:
-        length = bytes([127]) + size.to_bytes(8, "big")
-    head = bytes([(0x80 if fin else 0) | rsv | opcode, length[0] | (0x80 if masked else 0)])
-    if not masked:
-        return head + length[1:] + payload
-    key = draw(st.binary(min_size=4, max_size=4))
-    body = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-    return head + length[1:] + key + body
+        length = bytes([mask_bit | 127]) + size.to_bytes(8, "big")
+    return first + length + rest
 
 
 def websockets_view(protocol: Any, events: list[Any]) -> tuple[list[Any], list[Any], Any]:

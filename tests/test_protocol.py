@@ -156,6 +156,15 @@ def test_mark_stop_and_unknown_events() -> None:
     assert protocol.state is State.STOPPED
 
 
+def test_unknown_event_names_are_cut_to_max_name_chars() -> None:
+    """An unknown event's name is kept up to max_name_chars, before and after start."""
+    protocol = StreamProtocol(max_name_chars=10)
+    assert protocol.receive(json.dumps({"event": "z" * 5000})) == UnknownEvent(name="z" * 10)
+    protocol.receive(json.dumps(SIGNALWIRE_START))
+    assert protocol.receive(json.dumps({"event": "sparkle"})) == UnknownEvent(name="sparkle")
+    assert StreamProtocol().receive(json.dumps({"event": "y" * 300})) == UnknownEvent("y" * 256)
+
+
 def test_raw_event_envelope_is_unwrapped() -> None:
     """The rawEvent logging envelope of an older docs page is unwrapped."""
     wrapped = {

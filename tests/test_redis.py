@@ -538,3 +538,14 @@ async def test_redis_restarted_mid_stream_rebuild_holds_all_outside_the_outage_a
         assert not got[lost].any()
     assert any(gap["tracks"] for gap in record["outages"])
     assert record["stop"]["redis"]["dropped_batches"] > 0
+    figures = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in receiver.metrics.render().splitlines()
+        if line.startswith("receiver_redis_")
+    }
+    assert figures["receiver_redis_retries_total"] > 0
+    assert (
+        figures["receiver_redis_dropped_batches_total"]
+        == record["stop"]["redis"]["dropped_batches"]
+    )
+    assert figures["receiver_redis_down"] == 0

@@ -2,15 +2,14 @@
 holds no more descriptors, files, threads, tasks or memory than before, and still records.
 
 The suite runs a short soak (100 connections). ``scripts/soak`` runs the full one (1,000) with
-``RECEIVER_SOAK_CONNECTIONS``, ``RECEIVER_SOAK_SEED`` and ``RECEIVER_SOAK_REPORT`` (where the
-before/after figures are written).
+the pytest options ``--soak-connections``, ``--soak-seed`` and ``--soak-report`` (where the
+before/after figures are written; tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import ssl
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from receiver.server import Receiver
-from tests.conftest import TOKEN, StartReceiver, TlsFiles, read_wav
+from tests.conftest import LONG_RUNS, TOKEN, StartReceiver, TlsFiles, read_wav
 from tests.soak_helpers import (
     KINDS,
     ChaosResult,
@@ -37,10 +36,10 @@ from tests.soak_helpers import (
     wait_until,
 )
 
-# Read at import: the autouse _hermetic_env fixture removes RECEIVER_* variables during tests.
-CONNECTIONS = int(os.environ.get("RECEIVER_SOAK_CONNECTIONS") or 100)
-SEED = int(os.environ.get("RECEIVER_SOAK_SEED") or 20241125)
-REPORT = os.environ.get("RECEIVER_SOAK_REPORT")
+# pytest options, set before this module is imported (tests/conftest.py).
+CONNECTIONS = LONG_RUNS.soak_connections
+SEED = LONG_RUNS.soak_seed
+REPORT = LONG_RUNS.soak_report
 # Clients at once: well under the per-address limit (250) and the stream limit (500).
 CONCURRENCY = 48
 ROUNDS = 4 if CONNECTIONS >= 400 else 2

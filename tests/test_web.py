@@ -13,6 +13,7 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from tests.conftest import (
     env_with,
     free_port,
     receiver_cmd,
+    run_receiver,
 )
 
 CHROMIUM = "/usr/bin/chromium"
@@ -120,6 +122,14 @@ def site(
             codec=codec, tracks=tracks, stream_sid=sid, custom_parameters=params
         )
         _play(f"{stream_url}/support", tls_files.cert, messages)
+    # One stream uploaded by delivery's backfill command, to a file:// object store.
+    upload = run_receiver(
+        "upload",
+        str(root / "recordings" / "MZ-other-0002"),
+        cwd=root,
+        env=env_with(RECEIVER_UPLOAD_URL=f"file://{root / 'store'}"),
+    )
+    assert upload.returncode == 0, upload.stdout + upload.stderr
     # A live stream of about 9 s: the two sentences, one after the other, on each track.
     live_wav = root / "live.wav"
     live_out = root / "live-out.wav"
@@ -128,7 +138,7 @@ def site(
     soundfile.write(live_out, np.concatenate([second, first]), 8000, subtype="PCM_16")
     # A file of the recordings directory that points outside it: never served.
     (root / "recordings" / GAP_SID / "leak.wav").symlink_to("/etc/passwd")
-    yield Site(
+    site = Site(
         served,
         f"https://127.0.0.1:{ui_port}",
         stream_url,
@@ -137,10 +147,25 @@ def site(
         live_wav,
         screenshots,
     )
-    assert served.stop() == 0, served.log.read_text()
+    yield site
+    # SIGTERM with a live view open: the view ends, the process drains and exits 0.
+    conn, view = _open_live_view(site)
+
+    def read_to_the_end() -> bytes:
+        """Read on as a browser does while the server stops, then close (TLS close_notify)."""
+        try:
+            return view.read()  # to its clean end: no IncompleteRead
+        finally:
+            conn.close()
+
+    with ThreadPoolExecutor(1) as reader:
+        rest = reader.submit(read_to_the_end)
+        assert served.stop() == 0, served.log.read_text()
+        assert rest.result(timeout=30).endswith(b"\n\n")
     text = served.log.read_text()
     assert TOKEN not in text
     assert "web page: error" not in text
+    assert "timeout graceful shutdown exceeded" not in text
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +230,28 @@ def _raw(
         return response.status, dict(response.getheaders()), response.read()
     finally:
         conn.close()
+
+
+def _open_live_view(site: Site) -> tuple[http.client.HTTPSConnection, http.client.HTTPResponse]:
+    """Log in without a browser and open ``/api/live/events``; the connection and response."""
+    status, answer, _ = _raw(
+        site,
+        "/login",
+        method="POST",
+        headers={"Origin": site.base, "Content-Type": "application/x-www-form-urlencoded"},
+        body=f"token={TOKEN}",
+    )
+    assert status == 303
+    cookie = answer["set-cookie"].split(";")[0]
+    port = int(site.base.rsplit(":", 1)[1])
+    conn = http.client.HTTPSConnection(
+        "127.0.0.1", port, context=tls.client_context(site.cert), timeout=30
+    )
+    conn.request("GET", "/api/live/events", headers={"Cookie": cookie})
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.readline() == b"retry: 1000\n"
+    return conn, response
 
 
 def test_login_page_refuses_wrong_tokens_slowly_then_sets_a_strict_cookie(
@@ -410,6 +457,29 @@ def test_search_and_pages(logged_in: tuple[BrowserContext, list[str]], site: Sit
     page.click("#search button")
     page.wait_for_function("document.querySelectorAll('#finished tbody tr').length === 1")
     assert page.locator("#finished tbody tr").get_attribute("data-directory") == "MZ-other-0002"
+    page.close()
+
+
+def test_an_uploaded_stream_links_to_its_objects(
+    logged_in: tuple[BrowserContext, list[str]], site: Site
+) -> None:
+    """A stream that delivery uploaded says where each of its files went, and the list marks
+    it uploaded."""
+    context, _ = logged_in
+    page = context.new_page()
+    page.goto(f"{site.base}/")
+    row = page.locator('#finished tr[data-directory="MZ-other-0002"]')
+    assert row.locator(".end.uploaded").inner_text() == "uploaded"
+    assert page.locator(f'#finished tr[data-directory="{GAP_SID}"] .end.uploaded').count() == 0
+    row.locator("a").click()
+    page.wait_for_selector("body[data-ready=true]")
+    upload = site.record("MZ-other-0002")["upload"]
+    shown = {
+        item.get_attribute("data-name"): item.locator("code").inner_text()
+        for item in page.locator("#stored li").all()
+    }
+    assert shown == upload["objects"] and "stereo.wav" in shown
+    assert upload["url"] in page.locator("#facts").inner_text()
     page.close()
 
 

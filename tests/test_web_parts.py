@@ -144,6 +144,7 @@ async def test_live_views_are_bounded(tmp_path: Path, caplog: pytest.LogCaptureF
         async with httpx.AsyncClient(base_url=base) as client:
             answer = await client.post("/login", data={"token": TOKEN}, headers={"Origin": base})
             assert answer.status_code == 303 and "receiver_session" in client.cookies
+            assert "secure" not in answer.headers["set-cookie"].lower()  # plain HTTP here
             async with (
                 client.stream("GET", "/api/live/events") as first,
                 client.stream("GET", "/api/live/events") as second,
@@ -172,3 +173,21 @@ async def test_a_taken_port_stops_serving_with_1(tmp_path: Path) -> None:
 
         assert await ui.serving(main()) == 1
         assert not ran
+
+
+async def test_ui_tokens_replace_the_stream_tokens_for_the_login(tmp_path: Path) -> None:
+    """With RECEIVER_UI_TOKENS set, only those log in: a stream token is refused (401)."""
+    ui_token = "page-only-token-0123456789"
+    ui = WebUI(make_settings(tmp_path, ui_port=0, ui_tokens=[ui_token]))
+    ui.app.throttle.base_delay_s = 0.01
+    await ui.start()
+    try:
+        base = f"http://127.0.0.1:{ui.port}"
+        async with httpx.AsyncClient(base_url=base, headers={"Origin": base}) as client:
+            refused = await client.post("/login", data={"token": TOKEN})
+            assert refused.status_code == 401 and not client.cookies
+            accepted = await client.post("/login", data={"token": ui_token})
+            assert accepted.status_code == 303 and "receiver_session" in client.cookies
+            assert (await client.get("/api/streams")).status_code == 200
+    finally:
+        await ui.stop()

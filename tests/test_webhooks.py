@@ -17,7 +17,7 @@ from receiver.codecs import CLI_CODECS, codec_for
 from receiver.delivery import Delivery
 from receiver.delivery.signing import parse_secret
 from receiver.simulate import build_messages, play
-from receiver.sinks import WavSink
+from receiver.sinks import MemorySink, WavSink
 from tests.conftest import TOKEN, StartReceiver, sox_encode, url, wait_idle
 from tests.delivery_helpers import WEBHOOK_SECRET, WebhookServer
 
@@ -105,3 +105,33 @@ def test_a_malformed_secret_is_refused_without_quoting_it() -> None:
     with pytest.raises(ValueError, match="whsec_") as caught:
         parse_secret("whsec_not base64!!")
     assert "not base64" not in str(caught.value)
+
+
+async def test_without_a_record_sink_stream_ended_still_says_which_stream_and_how_it_ended(
+    start_receiver: StartReceiver, client_ssl: ssl.SSLContext, speech: Any, tmp_path: Path
+) -> None:
+    """No wav sink (so no stream.json): the event is built from what the stream told."""
+    hooks = WebhookServer()
+    try:
+        delivery = Delivery()
+        receiver = await start_receiver(
+            sink_factories=[("memory", lambda settings: MemorySink()), ("delivery", delivery)],
+            webhook_url=hooks.url,
+            webhook_secret=WEBHOOK_SECRET,
+        )
+        encoded = {"inbound": sox_encode(speech["inbound"].wav[8000], "ul", tmp_path / "in.ul")}
+        messages = build_messages(codec=PCMU, tracks=encoded, stream_sid="no-files")
+        result = await play(url(receiver), messages, token=TOKEN, ssl_context=client_ssl)
+        assert result.close_code == 1000
+        await wait_idle(receiver)
+        await hooks.wait_for(2)
+    finally:
+        hooks.stop()
+    verifier = Webhook(WEBHOOK_SECRET)
+    events = {}
+    for headers, body in hooks.accepted():
+        event = verifier.verify(body, {k.lower(): v for k, v in headers.items()})
+        events[event["type"]] = event["data"]
+    ended = events["stream.ended"]
+    assert ended["stream_sid"] == "no-files" and ended["directory"] is None
+    assert ended["end"]["kind"] == "stop" and ended["tracks"]["inbound"]["samples"] > 0

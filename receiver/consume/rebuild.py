@@ -15,6 +15,7 @@ from receiver.consume.replies import Fields
 from receiver.events import TRACKS, Track
 from receiver.sinks.redis.wire import read_audio, read_control, stream_keys
 from receiver.sinks.wav import write_json_atomic
+from receiver.text import shorten
 
 # A position this far past a track's end is a corrupt entry, not a gap: refuse to fill it.
 _MAX_HOLE_S = 24 * 3600
@@ -188,7 +189,7 @@ class StreamJob:
         self.events.append(data)
         if self.out is not None:
             what = data.get("digit") if entry.kind == "dtmf" else data.get("name")
-            shown = str(what).encode("unicode_escape").decode("ascii")[:32]
+            shown = shorten(str(what), 32)
             at_s = float(data.get("at_ms") or 0) / 1000
             line = f"{self.stream_id} {entry.kind:<8} {at_s:8.1f} s  {shown}"
             print(line, file=self.out, flush=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from receiver.delivery.queue import QueueDirs, write_item
-from receiver.delivery.upload import Uploader, UploadError, make_store
+from receiver.delivery.upload import Uploader, UploadError, store_for
 from receiver.exceptions import ConfigError
 from receiver.sinks.wav import RECORD_NAME
 
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if settings.upload_url is None:
         raise ConfigError("RECEIVER_UPLOAD_URL", "not set: give the store, e.g. s3://bucket/prefix")
     uploader = Uploader(
-        make_store(settings.upload_url, timeout_s=settings.upload_timeout_s),
+        store_for(settings),
         base_url=settings.upload_url,
         part_bytes=settings.upload_part_bytes,
         concurrency=settings.upload_concurrency,

@@ -26,7 +26,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from receiver.delivery import webhooks
 from receiver.delivery.queue import Backoff, QueueDirs, items, read_item, write_item
-from receiver.delivery.upload import Uploader, UploadError, make_store
+from receiver.delivery.upload import Uploader, UploadError, store_for
 from receiver.events import Track
 from receiver.session import DtmfRecord, MarkRecord
 from receiver.sinks.base import StreamInfo, StreamSummary
@@ -117,7 +117,7 @@ class Delivery:
         self._webhook_backoff = Backoff(first, cap)
         if settings.upload_url is not None:
             self.uploader = Uploader(
-                make_store(settings.upload_url, timeout_s=settings.upload_timeout_s),
+                store_for(settings),
                 base_url=settings.upload_url,
                 part_bytes=settings.upload_part_bytes,
                 concurrency=settings.upload_concurrency,
@@ -191,25 +191,32 @@ class Delivery:
         if self.sender is not None:
             keep = ("stream_sid", "call_sid", "account_sid", "custom_parameters", "media_format")
             started = {key: data[key] for key in keep} | {"started_at": data["started_at"]}
-            webhooks.enqueue(self.dirs, token=token, event="stream.started", data=started)
+            webhooks.enqueue(
+                self.dirs, token=token, event="stream.started", data=started, fresh=True
+            )
             self._webhook_wake.set()
 
-    async def stream_finished(self, token: str, directory: Path | None) -> None:
-        """The stream's files are finished: queue its upload and ``stream.ended``."""
-        await asyncio.to_thread(self._resolve, token, directory)
+    async def stream_finished(
+        self, token: str, directory: Path | None, *, fallback: dict[str, Any]
+    ) -> None:
+        """The stream's files are finished: queue its upload and ``stream.ended``.
+
+        ``fallback`` describes the stream when no record sink wrote a ``stream.json``.
+        """
+        await asyncio.to_thread(self._resolve, token, directory, fallback)
         self._upload_wake.set()
         self._webhook_wake.set()
 
     # --- the queue -------------------------------------------------------------------------
 
-    def _resolve(self, token: str, directory: Path | None) -> None:
+    def _resolve(self, token: str, directory: Path | None, fallback: dict[str, Any]) -> None:
         """Turn a stream marker into an upload item and a ``stream.ended`` event (a thread)."""
         assert self.dirs is not None
-        record: dict[str, Any] = {}
+        record: dict[str, Any] = dict(fallback)
         if directory is not None:
             with contextlib.suppress(OSError, ValueError):
                 record = json.loads((directory / RECORD_NAME).read_text(encoding="utf-8"))
-            record["directory"] = directory.name
+        record["directory"] = directory.name if directory is not None else None
         if self.sender is not None:
             webhooks.enqueue(self.dirs, token=token, event="stream.ended", data=event_data(record))
         if self.uploader is not None and directory is not None:
@@ -232,7 +239,11 @@ class Delivery:
                 continue
             directory = self._find_directory(marker)
             logger.info("resuming delivery of stream %s after a restart", path.stem)
-            self._resolve(str(marker.get("token", path.stem)), directory)
+            fallback: dict[str, Any] = {
+                k: marker[k] for k in ("stream_sid", "started_at") if k in marker
+            }
+            fallback["end"] = {"kind": "interrupted", "close_code": None, "reason": None}
+            self._resolve(str(marker.get("token", path.stem)), directory, fallback)
 
     def _find_directory(self, marker: dict[str, Any]) -> Path | None:
         """The recording a marker stands for: same sid, same start time."""
@@ -266,6 +277,12 @@ class Delivery:
         try:
             done = await self.uploader.upload_stream(directory)
         except UploadError as exc:
+            if exc.reason == "missing":
+                # The directory is gone (deleted by hand): there is nothing left to upload.
+                logger.error("not uploading %s: %s; dropping it from the queue", directory, exc)
+                self.metrics.upload_failures.labels(exc.reason).inc()
+                await asyncio.to_thread(path.unlink, missing_ok=True)
+                return
             self.metrics.upload_failures.labels(exc.reason).inc()
             delay = self._upload_backoff.failed(path.name)
             attempts = self._upload_backoff.attempts[path.name]
@@ -355,9 +372,11 @@ class DeliverySink:
     def __init__(self, delivery: Delivery) -> None:
         self._delivery = delivery
         self._token: str | None = None
+        self._info: StreamInfo | None = None
 
     def open(self, info: StreamInfo) -> None:
         self._token = secrets.token_hex(8)
+        self._info = info
         self._delivery.stream_opened(self._token, info)
 
     def write(self, track: Track, position: int, samples: NDArray[np.int16]) -> None:
@@ -371,5 +390,6 @@ class DeliverySink:
 
     async def aclose(self, summary: StreamSummary) -> None:
         """The files are finished (``summary.directory``): queue the upload and the event."""
-        if self._token is not None:
-            await self._delivery.stream_finished(self._token, summary.directory)
+        if self._token is not None and self._info is not None:
+            fallback = {**self._info.as_dict(), **summary.as_dict()}
+            await self._delivery.stream_finished(self._token, summary.directory, fallback=fallback)

@@ -7,8 +7,8 @@ presence in the store means the set is complete, and it records where every file
 the store reports its size, and its MD5 where the ETag is one (S3's single-part ETag, or the
 multipart form checked part by part).
 
-Files are streamed from disk by obstore (multipart past ``part_bytes``, at most ``part_bytes``
-x ``concurrency`` in memory); MD5s are computed in a thread, a MiB at a time.
+Files are read once, a MiB at a time in a thread, hashed as they go and streamed to obstore
+(multipart past ``part_bytes``: about ``part_bytes`` x ``concurrency`` in memory).
 """
 
 from __future__ import annotations
@@ -18,16 +18,21 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import obstore
 from obstore.store import ObjectStore, from_url
 
+from receiver.exceptions import ConfigError
 from receiver.sinks.wav import RECORD_NAME, write_json_atomic
+
+if TYPE_CHECKING:
+    from receiver.settings import Settings
 
 _MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})(?:-(\d+))?"?$')
 _READ_BYTES = 1024 * 1024
@@ -69,6 +74,17 @@ def make_store(url: str, *, timeout_s: float) -> ObjectStore:
     return from_url(url, client_options=client_options, retry_config=retry)
 
 
+def store_for(settings: Settings) -> ObjectStore:
+    """``make_store`` for the settings; a store obstore cannot configure is a ``ConfigError``."""
+    assert settings.upload_url is not None
+    try:
+        return make_store(settings.upload_url, timeout_s=settings.upload_timeout_s)
+    except Exception as exc:  # noqa: BLE001 - obstore's configuration errors, by any name
+        raise ConfigError(
+            "RECEIVER_UPLOAD_URL", f"cannot use the store: {_first_line(exc)}"
+        ) from None
+
+
 @dataclass(frozen=True, slots=True)
 class Uploaded:
     """One stream's upload: where each file went and how many bytes."""
@@ -93,28 +109,6 @@ def files_in_order(record: dict[str, Any], directory: Path) -> list[Path]:
     ordered = sorted(named.items(), key=lambda kv: (*_TRACK_ORDER, kv[0]).index(kv[0]))
     found = [directory / str(name) for _, name in ordered]
     return [path for path in found if path.is_file() and path.parent == directory]
-
-
-def md5_parts(path: Path, *, part_bytes: int) -> tuple[str, str, int]:
-    """The file's MD5, its S3 multipart ETag for ``part_bytes`` parts, and its size."""
-    whole, parts, size = hashlib.md5(usedforsecurity=False), [], 0
-    part, in_part = hashlib.md5(usedforsecurity=False), 0
-    with path.open("rb") as f:
-        while chunk := f.read(_READ_BYTES):
-            whole.update(chunk)
-            size += len(chunk)
-            while chunk:
-                take = chunk[: part_bytes - in_part]
-                part.update(take)
-                in_part += len(take)
-                chunk = chunk[len(take) :]
-                if in_part == part_bytes:
-                    parts.append(part.digest())
-                    part, in_part = hashlib.md5(usedforsecurity=False), 0
-    if in_part:
-        parts.append(part.digest())
-    multipart = hashlib.md5(b"".join(parts), usedforsecurity=False).hexdigest()
-    return whole.hexdigest(), f"{multipart}-{len(parts)}", size
 
 
 class Uploader:
@@ -155,31 +149,72 @@ class Uploader:
         return Uploaded(objects, total)
 
     async def _put_verified(self, path: Path, key: str) -> int:
-        md5, multipart, size = await asyncio.to_thread(md5_parts, path, part_bytes=self.part_bytes)
+        digest = _Digest(part_bytes=self.part_bytes)
         try:
             await obstore.put_async(
                 self.store,
                 key,
-                path,
+                _read_chunks(path, digest),
                 chunk_size=self.part_bytes,
                 max_concurrency=self.concurrency,
             )
             meta = await obstore.head_async(self.store, key)
         except Exception as exc:  # noqa: BLE001 - obstore raises its own tree and OSError
-            raise UploadError(
-                _reason(exc), f"{key}: {type(exc).__name__}: {_first_line(exc)}"
-            ) from None
+            message = f"{key}: {type(exc).__name__}: {_first_line(exc)}"
+            raise UploadError(_reason(exc), message) from None
+        md5, multipart, size = digest.result()
         if meta["size"] != size:
             raise UploadError("size_mismatch", f"{key}: stored {meta['size']} bytes, local {size}")
         match = _MD5_ETAG.match(meta.get("e_tag") or "")
         if match is not None:
-            expected = md5 if match.group(2) is None else multipart
-            got = match.group(1) if match.group(2) is None else f"{match.group(1)}-{match.group(2)}"
+            # A one-part upload's ETag is the file's MD5, a multipart one's the MD5 of the
+            # parts' MD5s and their count; obstore sends a file as one part below part_bytes.
+            single = match.group(2) is None
+            expected = md5 if single else multipart
+            got = match.group(1) + ("" if single else f"-{match.group(2)}")
             if got != expected:
-                raise UploadError(
-                    "checksum_mismatch", f"{key}: stored ETag {got}, local {expected}"
-                )
+                message = f"{key}: stored ETag {got}, local {expected}"
+                raise UploadError("checksum_mismatch", message)
         return size
+
+
+class _Digest:
+    """The MD5 of a file and its S3 multipart ETag for ``part_bytes`` parts, fed chunk by
+    chunk as the upload reads it (the file is read once)."""
+
+    def __init__(self, *, part_bytes: int) -> None:
+        self.part_bytes = part_bytes
+        self.whole = hashlib.md5(usedforsecurity=False)
+        self.part = hashlib.md5(usedforsecurity=False)
+        self.in_part = 0
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def update(self, chunk: bytes) -> None:
+        self.whole.update(chunk)
+        self.size += len(chunk)
+        view = memoryview(chunk)
+        while view:
+            take = view[: self.part_bytes - self.in_part]
+            self.part.update(take)
+            self.in_part += len(take)
+            view = view[len(take) :]
+            if self.in_part == self.part_bytes:
+                self.parts.append(self.part.digest())
+                self.part, self.in_part = hashlib.md5(usedforsecurity=False), 0
+
+    def result(self) -> tuple[str, str, int]:
+        parts = [*self.parts, self.part.digest()] if self.in_part else list(self.parts)
+        multipart = hashlib.md5(b"".join(parts), usedforsecurity=False).hexdigest()
+        return self.whole.hexdigest(), f"{multipart}-{len(parts)}", self.size
+
+
+async def _read_chunks(path: Path, digest: _Digest) -> AsyncIterator[bytes]:
+    """The file a MiB at a time, each read in a thread, each chunk added to ``digest``."""
+    with path.open("rb") as f:
+        while chunk := await asyncio.to_thread(f.read, _READ_BYTES):
+            digest.update(chunk)
+            yield chunk
 
 
 def _first_line(exc: BaseException) -> str:

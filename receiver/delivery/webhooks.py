@@ -31,10 +31,20 @@ def event_id(token: str, event: EventType) -> str:
     return f"msg_{token}_{event.split('.')[-1]}"
 
 
-def enqueue(dirs: QueueDirs, *, token: str, event: EventType, data: dict[str, Any]) -> bool:
-    """Queue ``event`` unless an event with its id is queued already; True if queued now."""
+def enqueue(
+    dirs: QueueDirs,
+    *,
+    token: str,
+    event: EventType,
+    data: dict[str, Any],
+    fresh: bool = False,
+) -> bool:
+    """Queue ``event`` unless an event with its id is queued already; True if queued now.
+
+    ``fresh``: the token is new (a stream's start), so the queue need not be listed.
+    """
     msg_id = event_id(token, event)
-    if any(p.name.endswith(f"-{msg_id}.json") for p in items(dirs.webhooks)):
+    if not fresh and any(p.name.endswith(f"-{msg_id}.json") for p in items(dirs.webhooks)):
         return False
     body = {"type": event, "timestamp": datetime.now(UTC).isoformat(), "data": data}
     write_item(dirs.webhooks / f"{time.time_ns():020d}-{msg_id}.json", {"id": msg_id, **body})

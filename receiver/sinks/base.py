@@ -24,6 +24,9 @@ Sinks close in three groups, each in turn: the others; then those with ``writes_
 those with ``delivers_record = True`` (uploads, webhooks: an optional attribute), which need
 the files finished. ``summary.directory`` names where the record sink put them.
 
+A sink that only watches (``observer = True``, like the web page's levels) is not counted when
+the server checks whether any sink still records (``Fanout.alive``).
+
 Calls come from the event loop: keep each one short (a buffered file write, a queue put). A sink
 that raises is logged, counted and named in ``stream.json``; it never takes the server or the
 other sinks down (see ``receiver.sinks.Fanout``).

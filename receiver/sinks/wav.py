@@ -22,6 +22,7 @@ import json
 import os
 import re
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -48,6 +49,9 @@ _MAX_SAME_SID = 1000
 # Native G.711 keeps the platform's bytes; libsndfile encodes our int16 back to the same codes.
 _NATIVE_SUBTYPES = {"pcmu": "ULAW", "pcma": "ALAW"}
 _RECORD_ENCODER = json.JSONEncoder(indent=2, ensure_ascii=True)
+# The one thread that finishes streams (WavSink.aclose), made on the first stream's end and
+# kept: streams end in turn, and a burst of ends (a shutdown) costs no more threads than one.
+_CLOSER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="receiver-wav-close")
 
 
 def safe_dirname(stream_sid: str) -> str:
@@ -260,7 +264,7 @@ class WavSink:
     async def aclose(self, summary: StreamSummary) -> None:
         """``close`` in a thread: the stereo mix and a ``stream.json`` of thousands of marks
         (3 MB, ~60 ms to encode) must not hold the event loop."""
-        await asyncio.to_thread(self.close, summary)
+        await asyncio.get_running_loop().run_in_executor(_CLOSER, self.close, summary)
 
     def close(self, summary: StreamSummary) -> None:
         """Finish every file (and the stereo mix), then write the final ``stream.json``.

@@ -80,6 +80,8 @@ def summarise(directory: str, record: dict[str, Any]) -> dict[str, Any]:
             for k, v in list(params.items())[:20]
         },
         "dtmf": len(record.get("dtmf") or []),
+        "uploaded": isinstance(record.get("upload"), dict)
+        and record["upload"].get("status") == "uploaded",
     }
 
 

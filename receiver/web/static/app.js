@@ -143,7 +143,12 @@ async function loadFinished() {
         el("td", { class: "params", text: params(s.custom_parameters) }),
         el("td", { text: seconds(s.duration_s) }),
         el("td", { text: s.tracks.join(", ") }),
-        el("td", {}, el("span", { class: `end ${s.status === "complete" ? s.end : s.status}`, text: s.status === "complete" ? s.end : s.status })),
+        el(
+          "td",
+          {},
+          el("span", { class: `end ${s.status === "complete" ? s.end : s.status}`, text: s.status === "complete" ? s.end : s.status }),
+          s.uploaded ? el("span", { class: "end uploaded", text: "uploaded" }) : "",
+        ),
       );
     }),
   );
@@ -267,6 +272,18 @@ async function streamPage() {
     ...data.files.map((f) => el("li", {}, el("a", { href: f.url, download: f.name, text: f.name }), ` ${(f.bytes / 1024).toFixed(1)} KiB`)),
   );
   document.querySelector("#record").textContent = JSON.stringify(record, null, 2);
+  const upload = record.upload;
+  if (upload && upload.objects) {
+    // Where delivery stored the files (s3://, gs://, az://, file:// or https:// URLs).
+    fact(facts, "uploaded", `${when(upload.uploaded_at)} to ${upload.url}`);
+    document.querySelector("#stored").replaceChildren(
+      ...Object.entries(upload.objects).map(([name, url]) => {
+        const target = /^https?:\/\//.test(url) ? el("a", { href: url, text: url }) : el("code", { text: url });
+        return el("li", { "data-name": name }, `${name}: `, target);
+      }),
+    );
+    document.querySelector("#stored-section").hidden = false;
+  }
 
   const waveform = await getJSON(`/api/streams/${encodeURIComponent(directory)}/waveform`);
   drawAxis(document.querySelector("#axis"), waveform.duration_s);
