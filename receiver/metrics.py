@@ -127,6 +127,9 @@ _TRACK_FIELDS = (
     ("gaps", "receiver_gaps", "Gaps (lost frames) filled with silence."),
     ("silence_samples", "receiver_silence_samples", "Samples of silence inserted for gaps."),
     ("duplicate_frames", "receiver_duplicate_frames", "Frames dropped as duplicates."),
+    ("late_frames", "receiver_late_frames", "Frames that came after a later chunk, dropped."),
+    ("clock_jumps", "receiver_clock_jumps", "Jumps past RECEIVER_MAX_GAP_S: the clock shifted."),
+    ("silence_capped", "receiver_silence_capped", "Gaps past RECEIVER_MAX_SILENCE_S: shifted."),
 )
 
 

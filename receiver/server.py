@@ -385,6 +385,7 @@ class StreamHandler:
         self.messages = 0
         self.unknown_events: dict[str, None] = {}
         self.unknown_events_dropped = 0
+        self.clock_shifted = False  # logged once a stream
         self.log = StreamLogger(logger, {"stream_sid": "-"})
         self.on_finished: Callable[[], None] = lambda: None
 
@@ -465,6 +466,14 @@ class StreamHandler:
                             self.fanout.write(batch.track, batch.position, batch.samples)
                         if not self.fanout.alive:
                             raise RecordingFailed(self.fanout.errors)
+                        if not self.clock_shifted and self.session.clock_shifts:
+                            self.clock_shifted = True  # seen with the next batch at the latest
+                            self.log.warning(
+                                "a frame's timestamp or chunk jumped past RECEIVER_MAX_GAP_S "
+                                "or RECEIVER_MAX_SILENCE_S: silence kept to the limit, the "
+                                "track's clock shifted (clock_jumps, silence_capped in "
+                                "stream.json)"
+                            )
                 case Start():
                     self._start(event)
                 case Dtmf():

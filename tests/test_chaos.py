@@ -169,11 +169,15 @@ async def test_chunk_jump_without_timestamp(
         )
     max_gap_bytes = 60 * rate * 2  # RECEIVER_MAX_GAP_S, 60 s by default
     assert measured.figures["wav_bytes"] <= max_gap_bytes + 2 * (2 * rate // 50) + 44
-    # The cut jump is counted in stream.json (clock_jumps) and the gap in receiver_gaps; no
-    # /metrics counter or log line names the cut itself (reported, issue 11).
     inbound = record_of(recordings, "chunk-jump")["tracks"]["inbound"]
     assert inbound["clock_jumps"] >= 1, inbound
-    check_common(measured, probe, recordings, counter=("receiver_gaps", {}), log_line=None)
+    check_common(
+        measured,
+        probe,
+        recordings,
+        counter=("receiver_clock_jumps", {}),
+        log_line=r"jumped past RECEIVER_MAX_GAP_S",
+    )
 
 
 async def test_many_marks_with_long_names(
