@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import socket
@@ -227,7 +228,9 @@ def overhead(rounds: int, streams: int, frames: int) -> dict[str, Any]:
                 shutil.rmtree(recordings, ignore_errors=True)
 
     def ratios(top: str, bottom: str) -> dict[str, float]:
-        return spread([t / b for t, b in zip(per_frame[top], per_frame[bottom], strict=True)])
+        # A round shorter than the CPU clock's tick (10 ms: the smoke run's) measures 0.
+        pairs = [t / b for t, b in zip(per_frame[top], per_frame[bottom], strict=True) if b]
+        return spread(pairs) if pairs else dict.fromkeys(("min", "median", "max"), math.nan)
 
     return {
         "streams": streams,

@@ -11,6 +11,7 @@ import asyncio
 import os
 import tempfile
 import time
+from concurrent.futures import Executor
 from pathlib import Path
 
 from receiver.metrics import Count, Counters
@@ -25,12 +26,14 @@ class HealthCheck:
         *,
         min_free_bytes: int,
         counters: Counters,
+        executor: Executor | None = None,
         interval_s: float = 1.0,
     ) -> None:
         self.recordings_dir = recordings_dir
         self.min_free_bytes = min_free_bytes
         self.interval_s = interval_s
         self._counters = counters
+        self._executor = executor
         self._problem: tuple[str, str] | None = None
         self._checked_at = -float("inf")
         self._running: asyncio.Future[None] | None = None
@@ -44,7 +47,7 @@ class HealthCheck:
         """The last answer; starts a refresh in a thread when it is older than the interval."""
         if time.monotonic() - self._checked_at >= self.interval_s and self._running is None:
             loop = asyncio.get_running_loop()
-            self._running = loop.run_in_executor(None, self.check_now)
+            self._running = loop.run_in_executor(self._executor, self.check_now)
             self._running.add_done_callback(self._refreshed)
         if self._problem is None:
             return None

@@ -162,7 +162,9 @@ class Listener:
             )
         except asyncio.CancelledError:
             handshake.release()
+            self._gate.closed()
             raise
         except Exception as exc:  # noqa: BLE001 - every way a TLS handshake fails is counted
             handshake.release()
+            self._gate.closed()
             self._gate.tls_failed(ip, exc)

@@ -44,6 +44,7 @@ class Count(StrEnum):
     CLOSE_TIMEOUTS = "close_timeouts"
     HEALTH_FAILURES = "health_failures"
     MEMORY_TRIMS = "memory_trims"
+    CONNECTIONS_CLOSED = "connections_closed"
     DROPPED = "dropped"
 
 
@@ -82,6 +83,9 @@ COUNTERS: dict[Count, CounterSpec] = {
         None, "Connections cut after our close frame went unanswered for the close timeout."
     ),
     Count.HEALTH_FAILURES: CounterSpec("reason", "/healthz answers of 503, by reason."),
+    Count.CONNECTIONS_CLOSED: CounterSpec(
+        None, "Connections admitted at accept that are closed (streams, requests, failed TLS)."
+    ),
     Count.MEMORY_TRIMS: CounterSpec(
         None, "malloc_trim calls after floods of connections (memory handed back to the OS)."
     ),
@@ -123,6 +127,9 @@ _TRACK_FIELDS = (
     ("gaps", "receiver_gaps", "Gaps (lost frames) filled with silence."),
     ("silence_samples", "receiver_silence_samples", "Samples of silence inserted for gaps."),
     ("duplicate_frames", "receiver_duplicate_frames", "Frames dropped as duplicates."),
+    ("late_frames", "receiver_late_frames", "Frames that came after a later chunk, dropped."),
+    ("clock_jumps", "receiver_clock_jumps", "Jumps past RECEIVER_MAX_GAP_S: the clock shifted."),
+    ("silence_capped", "receiver_silence_capped", "Gaps past RECEIVER_MAX_SILENCE_S: shifted."),
 )
 
 

@@ -14,6 +14,7 @@ import logging
 import ssl
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, assert_never, cast
 from urllib.parse import urlsplit
@@ -103,10 +104,14 @@ class Receiver:
             max_pending_handshakes_per_ip=settings.max_pending_handshakes_per_ip,
             max_write_buffer_bytes=settings.max_write_buffer_bytes,
         )
+        # One thread for the shell's housekeeping (the health check, memory trims): the pool
+        # that sinks use stays theirs, and the thread count stays put.
+        self._housekeeping = ThreadPoolExecutor(1, thread_name_prefix="receiver-housekeeping")
         self.health = HealthCheck(
             settings.recordings_dir,
             min_free_bytes=settings.min_free_disk_mb * 1024 * 1024,
             counters=self.counters,
+            executor=self._housekeeping,
         )
         self.metrics = ReceiverMetrics(
             counters=self.counters,
@@ -171,7 +176,9 @@ class Receiver:
             self._stop_metrics_server()
             problem = exc.strerror or str(exc)
             raise ListenError(role="streams", host=s.host, port=s.port, problem=problem) from None
-        self._trimmer = asyncio.create_task(MemoryTrimmer(self.gate, self.counters).run())
+        self._housekeeping.submit(int)  # its one thread now: the count stays put from here on
+        trimmer = MemoryTrimmer(self.counters, executor=self._housekeeping)
+        self._trimmer = asyncio.create_task(trimmer.run())
 
     async def _serve(self, connection: type[StreamConnection], gate: Any) -> Server:
         """websockets' Server over our own accept loop (``receiver.listener``)."""
@@ -245,6 +252,7 @@ class Receiver:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._trimmer
             self._trimmer = None
+        self._housekeeping.shutdown(wait=False)
         await self._stop_resources()
         self._stop_metrics_server()
 
@@ -377,6 +385,7 @@ class StreamHandler:
         self.messages = 0
         self.unknown_events: dict[str, None] = {}
         self.unknown_events_dropped = 0
+        self.clock_shifted = False  # logged once a stream
         self.log = StreamLogger(logger, {"stream_sid": "-"})
         self.on_finished: Callable[[], None] = lambda: None
 
@@ -457,6 +466,14 @@ class StreamHandler:
                             self.fanout.write(batch.track, batch.position, batch.samples)
                         if not self.fanout.alive:
                             raise RecordingFailed(self.fanout.errors)
+                        if not self.clock_shifted and self.session.clock_shifts:
+                            self.clock_shifted = True  # seen with the next batch at the latest
+                            self.log.warning(
+                                "a frame's timestamp or chunk jumped past RECEIVER_MAX_GAP_S "
+                                "or RECEIVER_MAX_SILENCE_S: silence kept to the limit, the "
+                                "track's clock shifted (clock_jumps, silence_capped in "
+                                "stream.json)"
+                            )
                 case Start():
                     self._start(event)
                 case Dtmf():

@@ -341,6 +341,11 @@ class Session:
         return round(longest * 1000 / self.rate, 3)
 
     @property
+    def clock_shifts(self) -> int:
+        """Jumps of every track's clock so far (``clock_jumps`` and ``silence_capped``)."""
+        return sum(c.stats.clock_jumps + c.stats.silence_capped for c in self._tracks.values())
+
+    @property
     def track_stats(self) -> dict[Track, TrackStats]:
         """Per-track statistics, in the order the tracks first sent audio."""
         return {track: clock.stats for track, clock in self._tracks.items()}

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support.clients import good_stream, target
-from tests.support.http import http_get
+from receiver.gate import TRIM_AFTER_CONNECTIONS
+from tests.support.clients import Target, good_stream, target
+from tests.support.http import http_get, metric_total
 from tests.support.probe import GoodStream, ProbeResult
 from tests.support.server_process import ProcFigures, ServerProcess, log_problems
 from tests.support.waits import wait_until
@@ -57,6 +58,26 @@ class Measured:
         return log_problems(self.log)
 
 
+async def memory_counts(goal: Target) -> tuple[float, float]:
+    """The server's closed connections and memory trims so far (from /metrics)."""
+    body = (await http_get(goal.port, "/metrics", goal.client_ssl))[2]
+    closed = metric_total(body, "receiver_connections_closed")
+    return closed, metric_total(body, "receiver_memory_trims")
+
+
+async def settle_memory(goal: Target, since: tuple[float, float], limit_s: float = 15.0) -> None:
+    """When enough connections closed since ``since`` (a ``memory_counts``) for the server to
+    hand their memory back (its memory trim, once their wave is over), wait for that trim."""
+    closed, trims = await memory_counts(goal)
+    if closed - since[0] < TRIM_AFTER_CONNECTIONS:
+        return
+    deadline = time.monotonic() + limit_s
+    while trims <= since[1] and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)  # another process: nothing to await but its counter
+        trims = (await memory_counts(goal))[1]
+    assert trims > since[1], f"no memory trim after {closed - since[0]:g} connections closed"
+
+
 async def settle_fds(server: ServerProcess, fds: int, limit_s: float = 15.0) -> None:
     """Wait (bounded) until the server holds no more descriptors than ``fds``."""
     await wait_until(lambda: server.figures().fds <= fds, limit_s)
@@ -81,6 +102,7 @@ async def measure(
     await asyncio.sleep(0.2)
     await server.collect_garbage()
     before = server.figures()
+    counts = await memory_counts(goal)
     good.start()
     await asyncio.sleep(0.3)
     attack_started = time.monotonic()
@@ -90,6 +112,7 @@ async def measure(
     probe = await good.stop()
     await settle_fds(server, before.fds, settle_s)
     await asyncio.sleep(0.3)
+    await settle_memory(goal, counts)
     await server.collect_garbage()
     after = server.figures()
     status, _, metrics = await http_get(goal.port, "/metrics", goal.client_ssl)
