@@ -55,7 +55,8 @@ class Media(NamedTuple):
     """One frame of audio of one track; ``payload`` is the raw encoded bytes (base64-decoded).
 
     A NamedTuple rather than a frozen dataclass like the other events: it is built for every
-    frame, and a frozen dataclass costs 1.17 us to construct against 0.2 us (bench/core).
+    frame, and a frozen dataclass costs several times more to construct (``python -m
+    bench.core`` prints both and their ratio).
     """
 
     track: Track

@@ -1,9 +1,10 @@
 """Sans-I/O splitter of a client's WebSocket byte stream into text messages, for the hot path.
 
-websockets parses each frame with a generator (4.4-4.9 us of Python a media frame, more than
-the receiver's own work on it) and hands it on through a queue; this splitter takes 0.85-0.97
-us (``bench/core.py``). So once a connection is open, ``receiver.connection`` feeds
-its bytes here and websockets sees only what this module does not handle itself:
+websockets parses each frame with a generator (more Python a media frame than the receiver's
+own work on it) and hands it on through a queue; this splitter costs a fraction of that
+(``python -m bench.core`` prints both and their ratio). So once a connection is open,
+``receiver.connection`` feeds its bytes here and websockets sees only what this module does
+not handle itself:
 
 - a final, masked, unextended text frame up to ``max_size`` whose payload is valid UTF-8 —
   every frame the platform sends — becomes a message (``str``);

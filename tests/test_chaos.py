@@ -29,37 +29,26 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.chaos_support import (
+from tests.support.audio import read_wav
+from tests.support.clients import (
     ATTACKER_IPS,
-    Measured,
-    ProbeResult,
     abort,
-    chaos_server,
-    check_good_stream,
-    frame,
-    measure,
-    media_event,
-    memory_counts,
-    metric_total,
+    good_stream,
     open_from,
     open_stream,
     read_frames,
-    read_status,
-    record_of,
-    save_row,
-    settle_memory,
     target,
-)
-from tests.conftest import TOKEN, TlsFiles, env_with, read_wav, receiver_cmd
-from tests.soak_helpers import (
-    ServerProcess,
-    close_frame,
-    good_stream,
-    http_get,
     until_ws_closed,
-    upgrade_request,
-    wait_until,
 )
+from tests.support.commands import env_with, receiver_cmd
+from tests.support.figures import Measured, measure, memory_counts, save_row, settle_memory
+from tests.support.http import http_get, metric_total
+from tests.support.probe import ProbeResult, check_good_stream
+from tests.support.receiver import TOKEN, TlsFiles
+from tests.support.recordings import record_of
+from tests.support.server_process import ServerProcess, chaos_server
+from tests.support.waits import wait_until
+from tests.support.wire import close_frame, media_event, read_status, upgrade_request, ws_frame
 
 FREEZE_LIMIT_MS = 200.0
 # At fd limit 1,024 `receiver serve` refuses to start on the defaults (500 streams of 4 fds,
@@ -71,7 +60,7 @@ FITS_1024 = {
     "RECEIVER_MAX_PENDING_HANDSHAKES_PER_IP": "100",
 }
 RSS_TOLERANCE = 0.10
-STOP = frame(b'{"event": "stop", "sequenceNumber": "999999999"}')
+STOP = ws_frame(b'{"event": "stop", "sequenceNumber": "999999999"}')
 
 
 @pytest.fixture
@@ -153,7 +142,7 @@ async def test_chunk_jump_without_timestamp(
             pcm = bytes(2 * rate // 50)
             for seq, n in ((3, 1), (4, chunk)):
                 message = media_event(seq, "inbound", 0, pcm, timestamp=False, chunk=n)
-                writer.write(frame(message.encode()))
+                writer.write(ws_frame(message.encode()))
             writer.write(STOP)
             started = time.monotonic()
             code = await wait_closed_code(reader, writer, 300)
@@ -169,7 +158,7 @@ async def test_chunk_jump_without_timestamp(
         )
     max_gap_bytes = 60 * rate * 2  # RECEIVER_MAX_GAP_S, 60 s by default
     assert measured.figures["wav_bytes"] <= max_gap_bytes + 2 * (2 * rate // 50) + 44
-    inbound = record_of(recordings, "chunk-jump")["tracks"]["inbound"]
+    inbound = record_of(recordings / "chunk-jump")["tracks"]["inbound"]
     assert inbound["clock_jumps"] >= 1, inbound
     check_common(
         measured,
@@ -197,7 +186,7 @@ async def test_many_marks_with_long_names(
         async def attack() -> dict[str, Any]:
             reader, writer = await open_stream(server.port, client_ssl, "marks")
             mark = {"event": "mark", "sequenceNumber": "3", "mark": {"name": "m" * 60_000}}
-            blob = frame(json.dumps(mark).encode())
+            blob = ws_frame(json.dumps(mark).encode())
             started = time.monotonic()
             for i in range(count):
                 writer.write(blob)
@@ -219,7 +208,7 @@ async def test_many_marks_with_long_names(
         measured, probe = await run_measured("marks", server, client_ssl, tls_files, report, attack)
     assert measured.figures["close_code"] == 1000
     assert measured.figures["stream_json_bytes"] < 4 * 1024 * 1024
-    dropped = record_of(recordings, "marks")["dropped"]
+    dropped = record_of(recordings / "marks")["dropped"]
     assert dropped["marks"] == count - max_marks, dropped
     assert dropped["mark_names_cut"] >= 1, dropped
     check_common(
@@ -247,7 +236,7 @@ async def test_many_dtmf_events(
             for base in range(0, count, 5000):
                 writer.write(
                     b"".join(
-                        frame(
+                        ws_frame(
                             b'{"event": "dtmf", "sequenceNumber": "%d", '
                             b'"dtmf": {"digit": "%d", "duration": 100}}' % (i + 3, i % 10)
                         )
@@ -269,7 +258,7 @@ async def test_many_dtmf_events(
         measured, probe = await run_measured("dtmf", server, client_ssl, tls_files, report, attack)
     assert measured.figures["close_code"] == 1000
     assert measured.figures["stream_json_bytes"] < 4 * 1024 * 1024
-    dropped = record_of(recordings, "dtmf")["dropped"]
+    dropped = record_of(recordings / "dtmf")["dropped"]
     assert dropped["dtmf"] == count - 10_000, dropped  # RECEIVER_MAX_DTMF
     check_common(
         measured,
@@ -294,7 +283,7 @@ async def test_ping_flood_from_a_client_that_never_reads(
         async def attack() -> dict[str, Any]:
             # A tiny read buffer: asyncio stops reading the socket at once, as a stuck client.
             _reader, writer = await open_stream(server.port, client_ssl, "ping-flood", limit=1024)
-            burst = frame(b"p" * 125, opcode=0x9) * 1000
+            burst = ws_frame(b"p" * 125, opcode=0x9) * 1000
             sent = 0
             stalled_s = 0.0
             ended = "flooded until the end"
@@ -370,7 +359,9 @@ async def test_idle_tcp_connections_at_fd_limit(
                 writers, failed = await idle_flood(server.port, count)
                 await asyncio.sleep(0.5)
                 try:
-                    health: Any = (await asyncio.wait_for(http_get(goal, "/healthz"), 10))[0]
+                    health: Any = (
+                        await asyncio.wait_for(http_get(goal.port, "/healthz", goal.client_ssl), 10)
+                    )[0]
                 except (OSError, ssl.SSLError, TimeoutError) as exc:
                     health = type(exc).__name__
                 sid = f"during-idle-{n}"
@@ -446,12 +437,12 @@ async def test_many_streams_at_fd_limit(
                             opened.set()
                     for n in range(10):
                         for track in ("inbound", "outbound"):
-                            writer.write(frame(media_event(n + 3, track, n, pcm).encode()))
+                            writer.write(ws_frame(media_event(n + 3, track, n, pcm).encode()))
                     await writer.drain()
                     await asyncio.wait_for(opened.wait(), 60)
                     for n in range(10, 20):
                         for track in ("inbound", "outbound"):
-                            writer.write(frame(media_event(n + 3, track, n, pcm).encode()))
+                            writer.write(ws_frame(media_event(n + 3, track, n, pcm).encode()))
                     writer.write(STOP)
                     await writer.drain()
                     code = await wait_closed_code(reader, writer, 60)
@@ -595,7 +586,7 @@ async def test_disk_full_when_stream_json_is_finished(
             for v in range(victims):
                 reader, writer = await open_stream(server.port, client_ssl, f"full-{v}")
                 for n in range(20):  # 400 ms: the first batch opens inbound.wav
-                    writer.write(frame(media_event(n + 3, "inbound", n, pcm).encode()))
+                    writer.write(ws_frame(media_event(n + 3, "inbound", n, pcm).encode()))
                 await writer.drain()
                 opened.append((reader, writer))
             assert await wait_until(
@@ -614,7 +605,9 @@ async def test_disk_full_when_stream_json_is_finished(
             for path in fillers:
                 path.unlink()
             tmps = [p.name for p in recordings.rglob("*.tmp")]
-            statuses = Counter(record_of(recordings, f"full-{v}")["status"] for v in range(victims))
+            statuses = Counter(
+                record_of(recordings / f"full-{v}")["status"] for v in range(victims)
+            )
             return {
                 "victims": victims,
                 "close_codes": dict(Counter(codes)),
@@ -634,7 +627,7 @@ async def test_disk_full_when_stream_json_is_finished(
             timeout=60,
             check=False,
         )
-        statuses = Counter(record_of(recordings, f"full-{v}")["status"] for v in range(victims))
+        statuses = Counter(record_of(recordings / f"full-{v}")["status"] for v in range(victims))
         measured.figures.update(repair_exit=repair.returncode, statuses_after_repair=dict(statuses))
         report(measured.row())
         assert measured.figures["tmp_files_left"] == 0
@@ -687,24 +680,24 @@ async def test_recordings_dir_unwritable_while_running(
                 writer.write(STOP)
                 code = await wait_closed_code(reader, writer, 30)
                 # The health check may look on its own schedule: give it a few seconds.
-                health: list[tuple[int, str]] = []
+                health: list[tuple[int, dict[str, str], str]] = []
 
                 async def unhealthy() -> bool:
-                    health.append(await http_get(goal, "/healthz"))
+                    health.append(await http_get(goal.port, "/healthz", goal.client_ssl))
                     return health[-1][0] == 503
 
                 deadline = time.monotonic() + 5
                 while not await unhealthy() and time.monotonic() < deadline:
                     await asyncio.sleep(0.25)
             deadline = time.monotonic() + 10
-            while (after := await http_get(goal, "/healthz"))[0] != 200:
+            while (after := await http_get(goal.port, "/healthz", goal.client_ssl))[0] != 200:
                 if time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.25)
             return {
                 "new_stream_close": code,
                 "healthz_unwritable": health[-1][0],
-                "healthz_body": health[-1][1][:200],
+                "healthz_body": health[-1][2][:200],
                 "healthz_after": after[0],
             }
 
@@ -741,8 +734,8 @@ async def test_closes_websockets_sends_itself(
         async def attack() -> dict[str, Any]:
             pcm = bytes(320)
             bad = {
-                1009: frame(b'{"event": "media", "x": "' + b"x" * 70_000 + b'"}'),
-                1007: frame(b'{"event": "\xff\xfe"}'),
+                1009: ws_frame(b'{"event": "media", "x": "' + b"x" * 70_000 + b'"}'),
+                1007: ws_frame(b'{"event": "\xff\xfe"}'),
             }
 
             async def one(i: int) -> tuple[int | None, str]:
@@ -750,7 +743,7 @@ async def test_closes_websockets_sends_itself(
                 sid = f"own-close-{i}"
                 reader, writer = await open_stream(server.port, client_ssl, sid)
                 for n in range(15):
-                    writer.write(frame(media_event(n + 3, "inbound", n, pcm).encode()))
+                    writer.write(ws_frame(media_event(n + 3, "inbound", n, pcm).encode()))
                 writer.write(bad[kind])
                 await writer.drain()
                 seen: list[tuple[int | None, str]] = []
@@ -758,7 +751,7 @@ async def test_closes_websockets_sends_itself(
                 def on_frame(opcode: int, payload: bytes) -> None:
                     if opcode == 0x8 and not seen:
                         code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
-                        seen.append((code, record_of(recordings, sid)["status"]))
+                        seen.append((code, record_of(recordings / sid)["status"]))
                         writer.write(close_frame(1000))
 
                 await asyncio.wait_for(read_frames(reader, on_frame), 30)
@@ -794,7 +787,7 @@ async def test_server_close_while_client_keeps_sending(
 
         async def attack() -> dict[str, Any]:
             pcm = bytes(320)
-            bad = {1003: frame(b"\x00\x01", opcode=0x2), 1007: frame(b"{not json")}
+            bad = {1003: ws_frame(b"\x00\x01", opcode=0x2), 1007: ws_frame(b"{not json")}
             closes: list[float] = []
             all_closed = asyncio.Event()
 
@@ -803,7 +796,7 @@ async def test_server_close_while_client_keeps_sending(
                 good stream's), and what it stood at when we stopped looking."""
                 await all_closed.wait()
                 while True:
-                    body = (await http_get(goal, "/metrics"))[1]
+                    body = (await http_get(goal.port, "/metrics", goal.client_ssl))[2]
                     active = metric_total(body, "receiver_streams_active")
                     waited = time.monotonic() - max(closes)
                     if active <= 1 or waited > 15:
@@ -830,7 +823,7 @@ async def test_server_close_while_client_keeps_sending(
                 async def keep_sending() -> None:
                     with contextlib.suppress(ConnectionError, ssl.SSLError, RuntimeError):
                         for n in range(100_000):
-                            writer.write(frame(media_event(n + 3, "inbound", n, pcm).encode()))
+                            writer.write(ws_frame(media_event(n + 3, "inbound", n, pcm).encode()))
                             await asyncio.sleep(0.02)
 
                 sender = asyncio.create_task(keep_sending())
@@ -894,7 +887,7 @@ async def test_keepalive_timeout_is_its_own_end(
             async def keep_sending() -> None:
                 with contextlib.suppress(ConnectionError, ssl.SSLError, RuntimeError):
                     for n in range(100_000):
-                        writer.write(frame(media_event(n + 3, "inbound", n, pcm).encode()))
+                        writer.write(ws_frame(media_event(n + 3, "inbound", n, pcm).encode()))
                         await asyncio.sleep(0.02)
 
             sender = asyncio.create_task(keep_sending())
@@ -904,9 +897,9 @@ async def test_keepalive_timeout_is_its_own_end(
             sender.cancel()
             abort(writer)
             await wait_until(
-                lambda: record_of(recordings, "keepalive")["status"] != "recording", 10
+                lambda: record_of(recordings / "keepalive")["status"] != "recording", 10
             )
-            end = record_of(recordings, "keepalive").get("end", {})
+            end = record_of(recordings / "keepalive").get("end", {})
             return {
                 "pings_unanswered": pings,
                 "seconds_to_end": round(time.monotonic() - started, 1),

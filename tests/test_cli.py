@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import env_with, free_port, receiver_cmd, run, run_receiver
+from tests.support.audio import run
+from tests.support.commands import env_with, free_port, receiver_cmd, run_receiver
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from receiver import codecs
 from receiver.codecs import CLI_CODECS, codec_for
 from receiver.events import MediaFormat
 from receiver.exceptions import MalformedMessage, UnsupportedMedia
-from tests.conftest import run, sox_decode, sox_encode
+from tests.support.audio import run, sox_decode, sox_encode
 
 ALL_CODES = bytes(range(256))
 ALL_SAMPLES = np.arange(-32768, 32768, dtype=np.int16)

@@ -23,8 +23,11 @@ from websockets.asyncio.client import connect
 
 from receiver.codecs import CLI_CODECS, codec_for
 from receiver.simulate import build_messages
-from tests.conftest import TOKEN, TlsFiles, env_with, receiver_cmd, run, run_receiver
-from tests.soak_helpers import upgrade_request
+from tests.support.audio import run
+from tests.support.commands import env_with, receiver_cmd, run_receiver
+from tests.support.http import http_get
+from tests.support.receiver import TOKEN, TlsFiles
+from tests.support.wire import upgrade_request, ws_frame
 
 PCMU = codec_for(CLI_CODECS["pcmu"])
 
@@ -156,7 +159,7 @@ async def test_a_client_that_sees_the_end_finds_its_files_complete(
     """Clients that send their whole stream, stop and close frame included, in one write each
     find both tracks complete the moment the server's end of the connection reaches them:
     the server answers the close only once the files are finished."""
-    from websockets.frames import Close, Frame, Opcode
+    from websockets.frames import Close, Opcode
 
     server = served(
         RECEIVER_TOKENS=TOKEN,
@@ -167,14 +170,14 @@ async def test_a_client_that_sees_the_end_finds_its_files_complete(
     root = server.cwd / "recordings"
     audio = PCMU.encode((np.arange(8000 * 6) % 4000 - 2000).astype(np.int16))
     expected = PCMU.decode(audio)
-    close = Frame(Opcode.CLOSE, Close(1000, "").serialize()).serialize(mask=True)
+    close = ws_frame(Close(1000, "").serialize(), opcode=Opcode.CLOSE)
 
     async def stream(number: int) -> list[int]:
         sid = f"whole-{number}"
         messages = build_messages(
             codec=PCMU, tracks={"inbound": audio, "outbound": audio}, stream_sid=sid
         )
-        frames = b"".join(Frame(Opcode.TEXT, m.encode()).serialize(mask=True) for m in messages)
+        frames = b"".join(ws_frame(m.encode()) for m in messages)
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", server.port, ssl=client_ssl, server_hostname="localhost"
         )
@@ -254,7 +257,7 @@ async def test_disk_full_at_the_final_stream_json_leaks_nothing_and_repair_finis
     assert "sink 'wav' failed" in log and "during close" in log and "File too large" in log
     assert "Traceback" not in log
     context = ssl.create_default_context(cafile=str(tls_files.cert))
-    metrics = await asyncio.to_thread(_get, server.port, "/metrics", context)
+    metrics = (await http_get(server.port, "/metrics", context))[2]
     assert 'receiver_sink_errors_total{sink="wav"} 1.0' in metrics
     assert server.stop() == 0
 
@@ -266,17 +269,6 @@ async def test_disk_full_at_the_final_stream_json_leaks_nothing_and_repair_finis
     assert record["tracks"]["inbound"]["samples"] == len(audio)
     np.testing.assert_array_equal(read_strict(directory / "inbound.wav"), PCMU.decode(audio))
     assert not marker.exists()
-
-
-def _get(port: int, path: str, context: ssl.SSLContext) -> str:
-    import http.client
-
-    conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
-    try:
-        conn.request("GET", path)
-        return conn.getresponse().read().decode()
-    finally:
-        conn.close()
 
 
 def test_repair_reports_each_problem_in_one_line_and_retries_what_it_could_not_write(

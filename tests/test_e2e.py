@@ -19,36 +19,15 @@ from receiver.codecs import CLI_CODECS, codec_for
 from receiver.events import MediaFormat
 from receiver.server import Receiver
 from receiver.simulate import build_messages, play
-from tests.conftest import (
-    OTHER_TOKEN,
-    TOKEN,
-    StartReceiver,
-    read_wav,
-    sox_decode,
-    sox_encode,
-    url,
-    wait_idle,
-)
-from tests.soak_helpers import upgrade_request
+from tests.support.audio import read_wav, sox_decode, sox_encode
+from tests.support.http import http_get, metric
+from tests.support.receiver import OTHER_TOKEN, TOKEN, StartReceiver, url, wait_idle
+from tests.support.recordings import list_tree, record_of, recording
+from tests.support.waits import until
+from tests.support.wire import start_frame, upgrade_request, ws_frame
 
 PCMU = codec_for(CLI_CODECS["pcmu"])
 PCMA = codec_for(CLI_CODECS["pcma"])
-
-
-def recording(receiver: Receiver, sid: str) -> Path:
-    """The directory of the (only) recording of ``sid``."""
-    path = receiver.settings.recordings_dir / sid
-    assert path.is_dir(), f"no recording directory for {sid}: {list_tree(receiver)}"
-    return path
-
-
-def list_tree(receiver: Receiver) -> list[str]:
-    root = receiver.settings.recordings_dir
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-
-
-def record_of(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / "stream.json").read_text())
 
 
 async def test_pcmu_both_tracks_sample_exact(
@@ -109,7 +88,7 @@ async def test_l16_big_endian_setting(
     """With RECEIVER_L16_BYTE_ORDER=big, big-endian L16 (RTP order) is recorded sample-exact."""
     receiver = await start_receiver(l16_byte_order="big")
     raw = tmp_path / "in.s16be"
-    from tests.conftest import run
+    from tests.support.audio import run
 
     run("sox", speech["inbound"].wav[16000], "-t", "s16", "-e", "signed-integer", "-B", raw)
     codec = codec_for(MediaFormat("audio/l16", 16000), l16_byte_order="big")
@@ -235,23 +214,6 @@ async def test_plain_ws_to_tls_port_fails(receiver: Receiver, client_ssl: ssl.SS
     assert await healthz(receiver, client_ssl) == 200
 
 
-async def http_get(
-    port: int, path: str, context: ssl.SSLContext | None
-) -> tuple[int, dict[str, str], str]:
-    """A raw HTTP/1.1 GET on loopback (TLS when ``context``), no token: status, headers, body."""
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", port, ssl=context, server_hostname="localhost" if context else None
-    )
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
-    await writer.drain()
-    data = await reader.read()
-    writer.close()
-    head, _, body = data.decode().partition("\r\n\r\n")
-    status_line, *header_lines = head.split("\r\n")
-    headers = dict(line.split(": ", 1) for line in header_lines)
-    return int(status_line.split()[1]), headers, body
-
-
 async def healthz(receiver: Receiver, context: ssl.SSLContext) -> int:
     """GET /healthz over TLS without a token; returns the status."""
     return (await http_get(receiver.port, "/healthz", context))[0]
@@ -286,20 +248,6 @@ async def send_raw(receiver: Receiver, context: ssl.SSLContext, frames: list[str
         async with asyncio.timeout(10):
             await ws.wait_closed()
     return ws.close_code, ws.close_reason
-
-
-def start_frame(sid: str, encoding: str = "audio/x-mulaw", rate: int = 8000) -> str:
-    return json.dumps(
-        {
-            "event": "start",
-            "sequenceNumber": "1",
-            "start": {
-                "streamSid": sid,
-                "tracks": ["inbound"],
-                "mediaFormat": {"encoding": encoding, "sampleRate": rate, "channels": 1},
-            },
-        }
-    )
 
 
 @pytest.mark.parametrize(
@@ -522,9 +470,7 @@ async def test_shutdown_closes_with_1001_and_finishes_files(
     async with connect(url(receiver), ssl=client_ssl, additional_headers=headers) as ws:
         for frame in messages:
             await ws.send(frame)
-        async with asyncio.timeout(10):
-            while receiver.frames_received < len(messages) - 2:
-                await asyncio.sleep(0.01)
+        await until(lambda: receiver.frames_received >= len(messages) - 2)
         await receiver.shutdown(drain_timeout_s=0)
         await ws.wait_closed()
     assert ws.close_code == 1001
@@ -596,11 +542,10 @@ async def test_frames_sent_with_the_handshake_stay_with_websockets(
 ) -> None:
     """A client that sends its frames in the same write as its upgrade request (before the
     101) is read by websockets alone, frame by frame, and recorded sample-exact."""
-    from websockets.frames import Frame, Opcode
 
     audio = PCMU.encode(np.arange(-4000, 4000, 2, dtype=np.int16))
     messages = build_messages(codec=PCMU, tracks={"inbound": audio}, stream_sid="eager")
-    frames = b"".join(Frame(Opcode.TEXT, m.encode()).serialize(mask=True) for m in messages)
+    frames = b"".join(ws_frame(m.encode()) for m in messages)
     reader, writer = await asyncio.open_connection(
         "127.0.0.1", receiver.port, ssl=client_ssl, server_hostname="localhost"
     )
@@ -608,8 +553,7 @@ async def test_frames_sent_with_the_handshake_stay_with_websockets(
     async with asyncio.timeout(10):
         answer = await reader.readuntil(b"\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 101")
-        while receiver.counters["streams_ended", "stop"] == 0:
-            await asyncio.sleep(0.01)
+    await until(lambda: receiver.counters["streams_ended", "stop"] > 0)
     writer.close()
     await wait_idle(receiver)
     samples, _ = read_wav(recording(receiver, "eager") / "inbound.wav")
@@ -719,15 +663,6 @@ async def test_tokens_never_reach_the_logs(
     for secret in (TOKEN, OTHER_TOKEN, wrong):
         assert secret not in caplog.text
     assert TOKEN not in (recording(receiver, "quiet") / "stream.json").read_text()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """One sample's value from a Prometheus text exposition (0 when absent)."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{{wanted}}} " if labels else f"{name} "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 async def test_metrics_move_during_a_stream(

@@ -15,7 +15,9 @@ import numpy as np
 
 from receiver.codecs import CLI_CODECS, codec_for
 from receiver.simulate import build_messages, play
-from tests.conftest import TOKEN, TlsFiles, read_wav, receiver_cmd
+from tests.support.audio import read_wav
+from tests.support.commands import receiver_cmd
+from tests.support.receiver import TOKEN, TlsFiles
 
 PCMU = codec_for(CLI_CODECS["pcmu"])
 FILE_LIMIT_BYTES = 200_000  # a 8 kHz 16-bit WAV passes it after 12.5 s

@@ -14,7 +14,8 @@ from websockets.asyncio.client import connect
 
 from receiver.codecs import CLI_CODECS, codec_for
 from receiver.simulate import build_messages
-from tests.conftest import TOKEN, StartReceiver, read_wav, url, wait_idle
+from tests.support.audio import read_wav
+from tests.support.receiver import TOKEN, StartReceiver, url, wait_idle
 
 PCMU = codec_for(CLI_CODECS["pcmu"])
 

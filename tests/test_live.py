@@ -15,7 +15,8 @@ from receiver.codecs import CLI_CODECS, codec_for
 from receiver.live import LiveAudio, LiveStream
 from receiver.simulate import build_messages, play
 from receiver.sinks import WavSink
-from tests.conftest import TOKEN, StartReceiver, read_wav, url
+from tests.support.audio import read_wav
+from tests.support.receiver import TOKEN, StartReceiver, url
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
 from vad import speech_segments

@@ -24,17 +24,11 @@ from receiver.simulate import build_messages, play
 from receiver.sinks import WavSink
 from receiver.sinks.base import StreamEnd, StreamInfo, StreamSummary
 from receiver.sinks.redis.sink import RedisOptions, RedisPublisher, RedisSink, RedisSinkError
-from tests.conftest import (
-    TOKEN,
-    StartReceiver,
-    free_port,
-    read_wav,
-    sox_decode,
-    sox_encode,
-    url,
-    wait_idle,
-)
-from tests.redis_helpers import ConsumeProcess, RedisServer, consume_cmd, redis_factory
+from tests.support.audio import read_wav, sox_decode, sox_encode
+from tests.support.commands import free_port
+from tests.support.receiver import TOKEN, StartReceiver, url, wait_idle
+from tests.support.recordings import record_of, recording
+from tests.support.redis_server import ConsumeProcess, RedisServer, consume_cmd, redis_factory
 
 PCMU = codec_for(CLI_CODECS["pcmu"])
 STREAM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\.[0-9a-f]{8}")
@@ -79,16 +73,6 @@ def options(prefix: str, *, flush_timeout_s: float = 2.0) -> RedisOptions:
     return RedisOptions(
         prefix=prefix, maxlen=100_000, ttl_s=86_400, flush_timeout_s=flush_timeout_s
     )
-
-
-def recording(receiver: Receiver, sid: str) -> Path:
-    path = receiver.settings.recordings_dir / sid
-    assert path.is_dir(), f"no recording of {sid}"
-    return path
-
-
-def record_of(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / "stream.json").read_text())
 
 
 def only_dir(root: Path) -> Path:

@@ -18,7 +18,7 @@ from receiver.sinks.redis.wire import (
     read_control,
     to_json,
 )
-from tests.conftest import run_receiver
+from tests.support.commands import run_receiver
 
 
 def as_redis(fields: dict[object, object]) -> dict[bytes, bytes]:

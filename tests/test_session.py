@@ -9,7 +9,8 @@ from numpy.typing import NDArray
 from receiver.codecs import CLI_CODECS, codec_for
 from receiver.events import Dtmf, Mark, Media, MediaFormat, Start, StreamSid, Track
 from receiver.exceptions import LimitExceeded, MalformedMessage
-from receiver.session import AudioBatch, Session, is_gap_fill
+from receiver.session import Session, is_gap_fill
+from tests.support.timeline import Timeline
 
 L16 = codec_for(MediaFormat("audio/x-l16", 8000))
 PCMU = codec_for(CLI_CODECS["pcmu"])
@@ -26,25 +27,6 @@ def frame(track: Track, chunk: int | None, ts: int | None, samples: NDArray[np.i
 
 def ramp(start: int, n: int = 160) -> NDArray[np.int16]:
     return np.arange(start, start + n, dtype=np.int16)
-
-
-class Timeline:
-    """Collects batches per track, asserting the sink contract (contiguous from 0)."""
-
-    def __init__(self) -> None:
-        self.tracks: dict[str, list[NDArray[np.int16]]] = {}
-        self.lengths: dict[str, int] = {}
-        self.batches = 0
-
-    def add(self, batches: list[AudioBatch]) -> None:
-        for batch in batches:
-            assert batch.position == self.lengths.get(batch.track, 0)
-            self.tracks.setdefault(batch.track, []).append(np.array(batch.samples))
-            self.lengths[batch.track] = batch.position + len(batch.samples)
-            self.batches += 1
-
-    def audio(self, track: str) -> NDArray[np.int16]:
-        return np.concatenate(self.tracks[track])
 
 
 def play(s: Session, frames: list[Media]) -> Timeline:

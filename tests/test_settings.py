@@ -12,7 +12,7 @@ import pytest
 
 from receiver.exceptions import ConfigError
 from receiver.settings import ENV_PREFIX, Settings, load_settings
-from tests.conftest import env_with, run_receiver
+from tests.support.commands import env_with, run_receiver
 
 SECRET = "very-secret-token-0123456789"
 

@@ -9,38 +9,28 @@ import json
 import logging
 import socket
 import ssl
-import struct
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from websockets.asyncio.client import connect
-from websockets.frames import Frame, Opcode
+from websockets.frames import Opcode
 
 from receiver.codecs import CLI_CODECS, codec_for
 from receiver.logs import JsonFormatter
 from receiver.metrics import COUNTERS
 from receiver.server import Receiver
 from receiver.simulate import build_messages
-from tests.conftest import TOKEN, StartReceiver, free_port, url, wait_idle
-from tests.soak_helpers import read_head, upgrade_request
-from tests.test_e2e import http_get, record_of, recording, start_frame
+from tests.support.commands import free_port
+from tests.support.http import http_get
+from tests.support.receiver import TOKEN, StartReceiver, url, wait_idle
+from tests.support.recordings import record_of, recording
+from tests.support.waits import until
+from tests.support.wire import read_close, read_head, start_frame, upgrade_request, ws_frame
 
 PCMU = codec_for(CLI_CODECS["pcmu"])
-
-
-async def until(condition: Callable[[], bool], *, limit_s: float = 10.0) -> None:
-    """Wait for a condition of the server's that no event announces (checked every 50 ms)."""
-    async with asyncio.timeout(limit_s):
-        while not condition():
-            await asyncio.sleep(0.05)
-
-
-def masked(opcode: Opcode, payload: bytes) -> bytes:
-    return Frame(opcode, payload).serialize(mask=True)
 
 
 async def open_stream(
@@ -66,20 +56,6 @@ async def open_stream(
     return reader, writer
 
 
-async def read_close(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """Read server frames until its close frame: (code, what follows it in that read)."""
-    while True:
-        head = await reader.readexactly(2)
-        length = head[1] & 0x7F
-        if length == 126:
-            length = struct.unpack("!H", await reader.readexactly(2))[0]
-        elif length == 127:
-            length = struct.unpack("!Q", await reader.readexactly(8))[0]
-        payload = await reader.readexactly(length)
-        if head[0] & 0x0F == Opcode.CLOSE:
-            return struct.unpack("!H", payload[:2])[0], payload[2:]
-
-
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "websockets-path"])
 async def test_client_that_never_reads_its_pongs_is_aborted(
     start_receiver: StartReceiver, client_ssl: ssl.SSLContext, fast_path: bool
@@ -87,13 +63,13 @@ async def test_client_that_never_reads_its_pongs_is_aborted(
     """Pings as fast as possible from a client that never reads: the server holds at most
     max_write_buffer_bytes for it, then aborts it (counted) and records the stream."""
     receiver = await start_receiver(max_write_buffer_bytes=256 * 1024)
-    start = masked(Opcode.TEXT, start_frame("pinger").encode())
+    start = ws_frame(opcode=Opcode.TEXT, payload=start_frame("pinger").encode())
     _reader, writer = await open_stream(
         receiver, client_ssl, rcvbuf_bytes=4096, with_upgrade=b"" if fast_path else start
     )
     if fast_path:
         writer.write(start)
-    ping = masked(Opcode.PING, b"p" * 125)
+    ping = ws_frame(opcode=Opcode.PING, payload=b"p" * 125)
     sent = 0
     aborted = False
     try:
@@ -118,14 +94,16 @@ async def test_client_that_never_reads_its_pongs_is_aborted(
 
 
 def raw_frames(messages: list[str]) -> bytes:
-    return b"".join(masked(Opcode.TEXT, m.encode()) for m in messages)
+    return b"".join(ws_frame(opcode=Opcode.TEXT, payload=m.encode()) for m in messages)
 
 
 BAD_FRAMES = {
     # a message over max_message_bytes (4096 here): websockets closes 1009
-    "too-big-1009": masked(Opcode.TEXT, json.dumps({"event": "mark", "x": "y" * 6000}).encode()),
+    "too-big-1009": ws_frame(
+        opcode=Opcode.TEXT, payload=json.dumps({"event": "mark", "x": "y" * 6000}).encode()
+    ),
     # a text frame that is not UTF-8: 1007
-    "utf8-1007": masked(Opcode.TEXT, b"\xff\xfe{}"),
+    "utf8-1007": ws_frame(opcode=Opcode.TEXT, payload=b"\xff\xfe{}"),
     # a reserved opcode: bad framing, 1002
     "opcode-1002": bytes([0x83, 0x80]) + b"\x00\x00\x00\x00",
 }
@@ -172,7 +150,7 @@ async def test_server_close_does_not_linger_while_the_client_keeps_sending(
     closed_at = time.monotonic()
     assert code == 1007
     assert receiver.active_streams == 0
-    media = masked(Opcode.TEXT, b'{"event": "media", "media": {"payload": ""}}')
+    media = ws_frame(opcode=Opcode.TEXT, payload=b'{"event": "media", "media": {"payload": ""}}')
     cut = False
     try:
         async with asyncio.timeout(8):

@@ -22,8 +22,10 @@ from receiver.signalwire import (
     StreamRequestInvalid,
 )
 from receiver.simulate import PlayResult, build_messages, play
-from tests.conftest import TOKEN, StartReceiver, TlsFiles, env_with, read_wav, receiver_cmd, url
-from tests.signalwire_fake import FakeSignalWire, mock_transport, serve
+from tests.support.audio import read_wav
+from tests.support.commands import env_with, receiver_cmd
+from tests.support.receiver import TOKEN, StartReceiver, TlsFiles, url
+from tests.support.signalwire_fake import FakeSignalWire, mock_transport, serve
 
 PROJECT = "b08dacad-0000-4000-8000-000000000001"
 API_TOKEN = "PTsecret0123456789abcdef"

@@ -17,24 +17,20 @@ from typing import Any
 import numpy as np
 
 from receiver.server import Receiver
-from tests.conftest import LONG_RUNS, TOKEN, StartReceiver, TlsFiles, read_wav
-from tests.soak_helpers import (
-    KINDS,
-    ChaosResult,
+from tests.support.audio import read_wav
+from tests.support.clients import KINDS, ChaosResult, Target, chaos, check_recordings, good_stream
+from tests.support.figures import report
+from tests.support.http import http_get, metric, metric_names
+from tests.support.options import LONG_RUNS
+from tests.support.receiver import TOKEN, StartReceiver, TlsFiles
+from tests.support.server_process import (
     ProcFigures,
     ServerProcess,
-    Target,
-    chaos,
-    check_recordings,
-    good_stream,
-    http_get,
     log_problems,
-    metric,
     proc_figures,
-    report,
     server_process,
-    wait_until,
 )
+from tests.support.waits import wait_until
 
 # pytest options, set before this module is imported (tests/conftest.py).
 CONNECTIONS = LONG_RUNS.soak_connections
@@ -93,9 +89,10 @@ def chaos_figures(result: ChaosResult) -> dict[str, Any]:
 
 async def check_healthy(target: Target, recordings: Path, sid: str) -> None:
     """/healthz 200, no live stream, and a new stream recorded sample-exact."""
-    assert (await http_get(target, "/healthz"))[0] == 200
-    status, body = await http_get(target, "/metrics")
+    assert (await http_get(target.port, "/healthz", target.client_ssl))[0] == 200
+    status, _, body = await http_get(target.port, "/metrics", target.client_ssl)
     assert status == 200
+    assert "receiver_streams_active" in metric_names(body)
     assert metric(body, "receiver_streams_active") == 0
     expected = await good_stream(target, sid)
     samples, rate = read_wav(recordings / sid / "inbound.wav")
@@ -219,7 +216,7 @@ async def test_soak_in_process_leaks_no_tasks(
         nonlocal peak
         while True:
             peak = max(peak, len(live_tasks()) - 1)  # not counting this sampler
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # a sample of the peak, not a wait
 
     sampler = asyncio.create_task(sample())
     result = await chaos(

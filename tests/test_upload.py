@@ -22,18 +22,10 @@ from receiver.delivery import Delivery
 from receiver.server import Receiver
 from receiver.simulate import build_messages, play
 from receiver.sinks import WavSink
-from tests.conftest import (
-    TOKEN,
-    StartReceiver,
-    free_port,
-    read_wav,
-    run_receiver,
-    sox_decode,
-    sox_encode,
-    url,
-    wait_idle,
-)
-from tests.delivery_helpers import BUCKET, WEBHOOK_SECRET, MotoServer, WebhookServer, moto
+from tests.support.audio import read_wav, sox_decode, sox_encode
+from tests.support.commands import free_port, run_receiver
+from tests.support.delivery_servers import BUCKET, WEBHOOK_SECRET, MotoServer, WebhookServer, moto
+from tests.support.receiver import TOKEN, StartReceiver, url, wait_idle
 
 __all__ = ["moto"]  # the fixture, imported for pytest
 

@@ -25,16 +25,10 @@ from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
 from receiver import simulate, tls
 from receiver.codecs import CLI_CODECS, codec_for
-from tests.conftest import (
-    TOKEN,
-    Served,
-    Speech,
-    TlsFiles,
-    env_with,
-    free_port,
-    receiver_cmd,
-    run_receiver,
-)
+from tests.support.audio import Speech
+from tests.support.commands import env_with, free_port, receiver_cmd, run_receiver
+from tests.support.receiver import TOKEN, TlsFiles
+from tests.support.server_process import ServerProcess
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -59,7 +53,7 @@ VIEWPORT = {"width": 1280, "height": 860}
 class Site:
     """The served receiver: its page's base URL, its stream URL and its files."""
 
-    served: Served
+    served: ServerProcess
     base: str
     stream_url: str
     recordings: Path
@@ -91,14 +85,16 @@ def site(
     screenshots = Path(option) if option else root / "screenshots"
     screenshots.mkdir(parents=True, exist_ok=True)
     ui_port = free_port()
-    served = Served(
+    served = ServerProcess(
         root,
-        RECEIVER_TOKENS=TOKEN,
-        RECEIVER_TLS_CERT=str(tls_files.cert),
-        RECEIVER_TLS_KEY=str(tls_files.key),
-        RECEIVER_UI_PORT=str(ui_port),
-        RECEIVER_STEREO="true",
-        RECEIVER_RECORDINGS_DIR=str(root / "recordings"),
+        {
+            "RECEIVER_TOKENS": TOKEN,
+            "RECEIVER_TLS_CERT": str(tls_files.cert),
+            "RECEIVER_TLS_KEY": str(tls_files.key),
+            "RECEIVER_UI_PORT": str(ui_port),
+            "RECEIVER_STEREO": "true",
+            "RECEIVER_RECORDINGS_DIR": str(root / "recordings"),
+        },
     )
     log = served.wait_listening()
     assert f"web page on https://127.0.0.1:{ui_port}/" in log

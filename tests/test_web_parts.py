@@ -24,7 +24,7 @@ from receiver.web import WebUI
 from receiver.web.auth import LoginThrottle, Sessions
 from receiver.web.levels import LiveLevels
 from receiver.web.recordings import RecordingsIndex, resolve_file
-from tests.conftest import TOKEN, make_settings
+from tests.support.receiver import TOKEN, make_settings
 
 
 def test_levels_are_rms_and_peak_of_the_latest_batch() -> None:

@@ -18,8 +18,9 @@ from receiver.delivery import Delivery
 from receiver.delivery.signing import parse_secret
 from receiver.simulate import build_messages, play
 from receiver.sinks import MemorySink, WavSink
-from tests.conftest import TOKEN, StartReceiver, sox_encode, url, wait_idle
-from tests.delivery_helpers import WEBHOOK_SECRET, WebhookServer
+from tests.support.audio import sox_encode
+from tests.support.delivery_servers import WEBHOOK_SECRET, WebhookServer
+from tests.support.receiver import TOKEN, StartReceiver, url, wait_idle
 
 PCMU = codec_for(CLI_CODECS["pcmu"])
 

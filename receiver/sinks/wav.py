@@ -118,9 +118,9 @@ class TrackWriter(Protocol):
 class Pcm16Wav:
     """A mono 16-bit PCM WAV file whose 44-byte header always matches its data.
 
-    Each batch is one ``os.write`` of the samples and one ``pwrite`` of the header: 5.6-7.7 us a
-    200 ms batch against 20-26 us for libsndfile's write and header update, 40 files in turn
-    (``bench/core.py``), and no libsndfile state (~9 KiB) per open file. A file would pass the
+    Each batch is one ``os.write`` of the samples and one ``pwrite`` of the header: a fraction
+    of libsndfile's write and header update, 40 files in turn (``python -m bench.core`` prints
+    both and their ratio), and no libsndfile state (~9 KiB) per open file. A file would pass the
     4 GiB a WAV header can count after 74 hours at 8 kHz: writing stops there with an error.
     """
 
@@ -148,7 +148,7 @@ class Pcm16Wav:
             if is_gap_fill(samples):
                 # Silence the session made for a gap (up to 10 s a slice): the file grows by a
                 # hole that reads as zeros instead of by a write of zeros, which would cost the
-                # event loop ~130 us a second of 48 kHz, and the disk nothing.
+                # event loop time for every second of silence, and the disk nothing.
                 end = self._HEADER.size + self._data_bytes + data.nbytes
                 os.ftruncate(self._fd, end)
                 os.lseek(self._fd, end, os.SEEK_SET)
@@ -187,7 +187,7 @@ class SndfileTrack:
     def append(self, samples: NDArray[np.int16]) -> None:
         """Append the samples; for WAV, make the header count them."""
         try:
-            # buffer_write skips soundfile's array checks: 7.2 us a batch instead of 11.3.
+            # buffer_write skips soundfile's array checks (``python -m bench.core``: the ratio).
             self._file.buffer_write(np.ascontiguousarray(samples), dtype="int16")
             if self._update_header:
                 update_header(self._file)
@@ -263,7 +263,7 @@ class WavSink:
 
     async def aclose(self, summary: StreamSummary) -> None:
         """``close`` in a thread: the stereo mix and a ``stream.json`` of thousands of marks
-        (3 MB, ~60 ms to encode) must not hold the event loop."""
+        (3 MB, tens of ms to encode) must not hold the event loop."""
         await asyncio.get_running_loop().run_in_executor(_CLOSER, self.close, summary)
 
     def close(self, summary: StreamSummary) -> None:

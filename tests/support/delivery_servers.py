@@ -16,7 +16,7 @@ from typing import Any
 import boto3
 import pytest
 
-from tests.conftest import free_port
+from tests.support.commands import free_port
 
 BUCKET = "recordings"
 # 32 random bytes, base64: a Standard Webhooks secret as users generate them.

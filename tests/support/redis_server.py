@@ -17,7 +17,7 @@ from pydantic import SecretStr
 
 from receiver.settings import Settings
 from receiver.sinks.redis import RedisSinks
-from tests.conftest import free_port
+from tests.support.commands import free_port
 
 
 class RedisServer:

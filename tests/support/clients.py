@@ -1,193 +1,46 @@
-"""Soak helpers: a `receiver serve` subprocess measured through /proc, and clients that open
-connections and cut them at every stage (TCP, TLS, HTTP upgrade, mid-frame, mid-stream).
-
-Every client is bounded in time and talks to 127.0.0.1 only.
-"""
+"""Raw clients for the soak and chaos tests: TCP, TLS and WebSocket by hand, so that they can
+stop anywhere (TCP, TLS, HTTP upgrade, mid-frame, mid-stream), and the attackers of the chaos
+tests. Every client is bounded in time and talks to loopback only."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
-import os
 import random
-import signal
 import socket
 import ssl
 import struct
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from websockets.frames import Frame, Opcode
 
 from receiver.codecs import CLI_CODECS, codec_for
 from receiver.simulate import build_messages
+from tests.support.receiver import TOKEN
+from tests.support.server_process import ServerProcess
+from tests.support.wire import (
+    HOST,
+    SERVER_NAME,
+    close_frame,
+    read_frame,
+    read_head,
+    read_status,
+    start_event,
+    upgrade_request,
+    ws_frame,
+)
 
 PCMU = codec_for(CLI_CODECS["pcmu"])
-HOST = "127.0.0.1"
-SERVER_NAME = "localhost"  # the name in the test certificate
-
-# ---------------------------------------------------------------------------------------------
-# Measuring a process through /proc
-
-
-@dataclass(frozen=True)
-class ProcFigures:
-    """What a process holds: file descriptors by kind, resident memory, threads."""
-
-    fds: int
-    open_files: int  # regular files (WAVs, stream.json, logs)
-    sockets: int
-    rss_kib: int
-    threads: int
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-
-def fd_targets(pid: int | str = "self") -> list[str]:
-    """Where each open descriptor of ``pid`` points (``socket:[…]``, a path, ``pipe:[…]``)."""
-    root = Path(f"/proc/{pid}/fd")
-    targets = []
-    for entry in root.iterdir():
-        with contextlib.suppress(FileNotFoundError):  # closed while we looked
-            targets.append(os.readlink(entry))
-    return targets
-
-
-def proc_figures(pid: int | str = "self") -> ProcFigures:
-    """fds, regular files, sockets (from /proc/<pid>/fd), VmRSS and Threads (status)."""
-    targets = fd_targets(pid)
-    status = dict(
-        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-    )
-    return ProcFigures(
-        fds=len(targets),
-        open_files=sum(1 for t in targets if t.startswith("/") and not t.startswith("/dev/")),
-        sockets=sum(1 for t in targets if t.startswith("socket:")),
-        rss_kib=int(status["VmRSS"].split()[0]),
-        threads=int(status["Threads"].strip()),
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# The receiver in a subprocess
-
-
-# Test instrumentation put into the server process (a sitecustomize on its PYTHONPATH; the
-# receiver is not changed): SIGUSR2 runs a full garbage collection and appends how many objects
-# it freed to $SOAK_GC_ACK. It tells memory that is still referenced (a leak) from garbage in
-# reference cycles waiting for the collector: CPython before 3.11.8 / 3.12.2 keeps every
-# asyncio SSLProtocol whose TLS handshake failed, with its 256 KiB read buffer, in such a
-# cycle (python/cpython#109534), which a full collection frees.
-GC_HOOK = """\
-import gc, os, signal
-
-def _collect(signum, frame):
-    freed = gc.collect()
-    with open(os.environ["SOAK_GC_ACK"], "a") as ack:
-        ack.write(f"{freed}\\n")
-
-signal.signal(signal.SIGUSR2, _collect)
-"""
-
-
-class ServerProcess:
-    """`python -m receiver serve` on 127.0.0.1 and a free port, its log in a file."""
-
-    def __init__(
-        self, cwd: Path, env: dict[str, str], *, preexec_fn: Callable[[], None] | None = None
-    ) -> None:
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            self.port = int(s.getsockname()[1])
-        self.log = cwd / "serve.log"
-        hook = cwd / "gc-hook"
-        hook.mkdir(exist_ok=True)
-        (hook / "sitecustomize.py").write_text(GC_HOOK)
-        self.gc_ack = cwd / "gc-ack"
-        self.gc_ack.write_text("")
-        base = {k: v for k, v in os.environ.items() if not k.startswith("RECEIVER_")}
-        base["RECEIVER_UI_PORT"] = ""  # the web page is off: its port is not this test's
-        base.update(env)
-        base.update(RECEIVER_HOST=HOST, RECEIVER_PORT=str(self.port))
-        base["PYTHONPATH"] = os.pathsep.join(
-            [str(hook), *filter(None, [os.environ.get("PYTHONPATH")])]
-        )
-        base["SOAK_GC_ACK"] = str(self.gc_ack)
-        with self.log.open("w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "receiver", "serve"],
-                cwd=cwd,
-                env=base,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                preexec_fn=preexec_fn,  # only setrlimit (tests/chaos_support.py)
-            )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def wait_listening(self, timeout_s: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if "listening on" in self.log.read_text():
-                return
-            if self.proc.poll() is not None:
-                raise AssertionError(f"receiver exited: {self.log.read_text()}")
-            time.sleep(0.05)
-        raise AssertionError(f"receiver not listening after {timeout_s} s: {self.log.read_text()}")
-
-    def stop(self) -> int:
-        """SIGTERM, then SIGKILL if it does not exit within 30 s; the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait(timeout=30)
-
-    def figures(self) -> ProcFigures:
-        return proc_figures(self.pid)
-
-    async def collect_garbage(self) -> int:
-        """Have the server run a full garbage collection; how many objects it freed."""
-        done = len(self.gc_ack.read_text().splitlines())
-        self.proc.send_signal(signal.SIGUSR2)
-        assert await wait_until(lambda: len(self.gc_ack.read_text().splitlines()) > done, 10), (
-            "the server did not run its garbage collection"
-        )
-        return int(self.gc_ack.read_text().splitlines()[-1])
-
-
-@contextlib.contextmanager
-def server_process(cwd: Path, env: dict[str, str]) -> Iterator[ServerProcess]:
-    """A listening receiver subprocess, always stopped (killed if need be) afterwards."""
-    server = ServerProcess(cwd, env)
-    try:
-        server.wait_listening()
-        yield server
-    finally:
-        server.stop()
-
-
-def log_problems(text: str) -> list[str]:
-    """Log lines that mean something went wrong inside the server (not a client's fault)."""
-    marks = ("Traceback", "internal error", "connection handler failed", "Exception in callback")
-    marks += ("Task was destroyed", "never retrieved", "Unclosed", "ResourceWarning")
-    return [line for line in text.splitlines() if any(m in line for m in marks)]
+# Attackers connect from other loopback addresses than the good stream and the checks
+# (127.0.0.1), so that per-address limits keep them apart as they would on the internet.
+ATTACKER_IPS = tuple(f"127.0.0.{n}" for n in range(2, 40))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,15 +70,6 @@ def client_hello(context: ssl.SSLContext) -> bytes:
     with contextlib.suppress(ssl.SSLWantReadError):
         tls.do_handshake()
     return outgoing.read()
-
-
-def ws_frame(payload: bytes, *, opcode: int = 0x1, fin: bool = True) -> bytes:
-    """One masked client frame (RFC 6455 section 5.2), framed by websockets."""
-    return Frame(Opcode(opcode), payload, fin=fin).serialize(mask=True)
-
-
-def close_frame(code: int = 1000) -> bytes:
-    return ws_frame(struct.pack("!H", code), opcode=0x8)
 
 
 # The connections a client opened, so that ``owned_connections`` can abort whatever a failed
@@ -272,27 +116,6 @@ async def open_tls(target: Target) -> tuple[asyncio.StreamReader, asyncio.Stream
     )
 
 
-def upgrade_request(path: str, token: str | None) -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    lines = [
-        f"GET {path} HTTP/1.1",
-        f"Host: {SERVER_NAME}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {key}",
-        "Sec-WebSocket-Version: 13",
-    ]
-    if token is not None:
-        lines.append(f"Authorization: Bearer {token}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-async def read_head(reader: asyncio.StreamReader) -> int:
-    """The status code of an HTTP response head."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1])
-
-
 async def upgrade(
     target: Target, path: str, token: str | None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
@@ -324,14 +147,7 @@ async def until_ws_closed(
     try:
         async with asyncio.timeout(limit_s):
             while True:
-                head = await reader.readexactly(2)
-                length = head[1] & 0x7F
-                if length == 126:
-                    length = struct.unpack("!H", await reader.readexactly(2))[0]
-                elif length == 127:
-                    length = struct.unpack("!Q", await reader.readexactly(8))[0]
-                payload = await reader.readexactly(length)
-                opcode = head[0] & 0x0F
+                opcode, payload = await read_frame(reader)
                 if opcode == 0x8:
                     code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
                     writer.write(close_frame(code if code not in {1005, 1006} else 1000))
@@ -652,29 +468,7 @@ async def chaos(
 
 
 # ---------------------------------------------------------------------------------------------
-# Health checks
-
-
-async def http_get(target: Target, path: str) -> tuple[int, str]:
-    """GET over TLS without a token: status and body."""
-    with owned_connections():
-        reader, writer = await open_tls(target)
-        request = f"GET {path} HTTP/1.1\r\nHost: {SERVER_NAME}\r\nConnection: close\r\n\r\n"
-        writer.write(request.encode())
-        await writer.drain()
-        async with asyncio.timeout(10):
-            data = await reader.read()
-        cut(writer, "close")
-        await closed(writer)
-    head, _, body = data.decode().partition("\r\n\r\n")
-    return int(head.split()[1]), body
-
-
-def metric(body: str, name: str) -> float | None:
-    for line in body.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return None
+# Whole streams and what they leave
 
 
 async def good_stream(target: Target, sid: str, frames: int = 50) -> NDArray[np.int16]:
@@ -716,21 +510,73 @@ def check_recordings(root: Path) -> Counter[str]:
     return ends
 
 
-async def wait_until(predicate: Callable[[], bool], limit_s: float) -> bool:
-    """Poll ``predicate`` every 50 ms for at most ``limit_s``."""
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return predicate()
+def target(server: ServerProcess, client_ssl: ssl.SSLContext) -> Target:
+    return Target(server.port, client_ssl, TOKEN, handshake_timeout_s=10, idle_timeout_s=60)
 
 
-def report(path: str | None, name: str, figures: dict[str, Any]) -> None:
-    """Print one soak's figures, and add them under ``name`` to the JSON file ``path``."""
-    print(json.dumps({name: figures}, indent=2, default=str))
-    if path:
-        target = Path(path)
-        merged = json.loads(target.read_text()) if target.exists() and target.stat().st_size else {}
-        merged[name] = figures
-        target.write_text(json.dumps(merged, indent=2, default=str))
+# ---------------------------------------------------------------------------------------------
+# Raw attackers
+
+
+async def open_from(
+    port: int,
+    source_ip: str,
+    *,
+    client_ssl: ssl.SSLContext | None,
+    limit: int = 2**16,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP (or TLS) connection to the server from ``source_ip`` (a loopback address)."""
+    return await asyncio.open_connection(
+        HOST,
+        port,
+        ssl=client_ssl,
+        server_hostname=SERVER_NAME if client_ssl else None,
+        local_addr=(source_ip, 0),
+        limit=limit,
+        ssl_handshake_timeout=30 if client_ssl else None,
+    )
+
+
+async def open_stream(
+    port: int,
+    client_ssl: ssl.SSLContext,
+    sid: str,
+    *,
+    source_ip: str = ATTACKER_IPS[0],
+    rate_hz: int = 8000,
+    tracks: int = 1,
+    limit: int = 2**16,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An upgraded stream with ``connected`` and ``start`` sent (L16, inbound [and outbound])."""
+    reader, writer = await open_from(port, source_ip, client_ssl=client_ssl, limit=limit)
+    try:
+        writer.write(upgrade_request(f"/chaos/{sid}", TOKEN))
+        status, head = await read_status(reader)
+    except BaseException:
+        abort(writer)
+        raise
+    if status != 101:
+        abort(writer)
+        raise AssertionError(head)
+    writer.write(ws_frame(b'{"event": "connected", "protocol": "Call"}'))
+    names = ["inbound", "outbound"][:tracks]
+    writer.write(ws_frame(json.dumps(start_event(sid, rate_hz, names)).encode()))
+    await writer.drain()
+    return reader, writer
+
+
+async def read_frames(
+    reader: asyncio.StreamReader, on_frame: Callable[[int, bytes], Awaitable[None] | None]
+) -> None:
+    """Read server frames (unmasked) until EOF, calling ``on_frame(opcode, payload)``."""
+    with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+        while True:
+            opcode, payload = await read_frame(reader)
+            result = on_frame(opcode, payload)
+            if result is not None:
+                await result
+
+
+def abort(writer: asyncio.StreamWriter) -> None:
+    if not writer.transport.is_closing():
+        writer.transport.abort()
