@@ -222,7 +222,8 @@ def _serve(args: argparse.Namespace) -> int:
     from receiver.sinks import sink_factories_for
 
     sink_factories = sink_factories_for(settings)
-    _report_interrupted(settings.recordings_dir)
+    if not any(name == "delivery" for name, _ in sink_factories):
+        _report_interrupted(settings.recordings_dir)  # delivery repairs them at its start
     if not settings.tokens:
         token = secrets.token_urlsafe(32)
         while token.startswith("-"):  # `--token -x...` would read as a flag: 1 in 64 tokens

@@ -238,6 +238,9 @@ async def test_kill_9_with_uploads_and_webhooks_pending_both_complete_after_rest
         assert second.stop() == 0
     finally:
         hooks.stop()
+    log = second.log.read_text()
+    assert "repaired 1 interrupted stream(s) before delivering them" in log, log
+    assert "receiver repair" not in log  # delivery repaired it: nothing for the user to run
     stored = {**assert_uploaded(moto, tmp_path / "recordings" / "killed")}
     repaired = assert_uploaded(moto, tmp_path / "recordings" / "live")
     assert json.loads(repaired["stream.json"])["status"] == "interrupted"
