@@ -613,13 +613,13 @@ class StreamHandler:
         if end.kind == "stop" and not fanout.alive:
             end = self._recording_failed(RecordingFailed(fanout.errors))
         self.counters.add(Count.STREAMS_ENDED, end.kind)
-        rate = self.info.start.media_format.sample_rate_hz
+        rate = session.rate if session else self.info.start.media_format.sample_rate_hz
 
         def summary(sink_errors: tuple[str, ...]) -> StreamSummary:
             return StreamSummary(
                 end=end,
                 ended_at=datetime.now(UTC),
-                sample_rate_hz=session.rate if session else rate,
+                sample_rate_hz=rate,
                 tracks=session.track_stats if session else {},
                 dtmf=tuple(session.dtmf) if session else (),
                 marks=tuple(session.marks) if session else (),
@@ -638,9 +638,8 @@ class StreamHandler:
         self.receiver.metrics.stream_finished(
             session.codec.name if session else "none", stats, duration_s
         )
-        seconds = session.rate if session else rate
         tracks = ", ".join(
-            f"{t} {s.samples / seconds:.2f} s ({s.gaps} gaps)" for t, s in stats.items()
+            f"{t} {s.samples / rate:.2f} s ({s.gaps} gaps)" for t, s in stats.items()
         )
         fields = {
             "end": end.kind,
@@ -648,7 +647,7 @@ class StreamHandler:
             "duration_s": round(duration_s, 3),
             "messages": self.messages,
             "tracks": {
-                t: {"duration_s": round(s.samples / seconds, 3), "gaps": s.gaps}
+                t: {"duration_s": round(s.samples / rate, 3), "gaps": s.gaps}
                 for t, s in stats.items()
             },
             "files": list(fanout.locations),
