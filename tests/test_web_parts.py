@@ -192,3 +192,23 @@ async def test_ui_tokens_replace_the_stream_tokens_for_the_login(tmp_path: Path)
             assert (await client.get("/api/streams")).status_code == 200
     finally:
         await ui.stop()
+
+
+def test_a_waveform_covers_the_whole_file_however_many_silences_it_has(tmp_path: Path) -> None:
+    """A call with more pauses than the page marks (G.711 silence decodes to 0) still gets its
+    whole envelope; only the marked pauses are bounded."""
+    import soundfile
+
+    from receiver.web.recordings import envelope
+
+    rate, points = 8000, 50
+    # 600 s: 40 ms of tone, then 40 ms of exact zeros, over and over (7,500 pauses).
+    tone = (np.sin(np.arange(320) * 0.3) * 8000).astype(np.int16)
+    pattern = np.concatenate([tone, np.zeros(320, dtype=np.int16)])
+    audio = np.tile(pattern, 600 * rate // len(pattern))
+    path = tmp_path / "inbound.wav"
+    soundfile.write(path, audio, rate, subtype="PCM_16")
+    shape = envelope(path, points=points, total_samples=len(audio))
+    assert len(shape["min"]) == len(shape["max"]) == points
+    assert all(high > 0.2 for high in shape["max"])  # tone in every bucket, to the end
+    assert len(shape["silence_s"]) == 2 * points  # the marked pauses are capped

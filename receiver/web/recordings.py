@@ -260,13 +260,12 @@ def envelope(path: Path, *, points: int, total_samples: int) -> dict[str, list[f
                     if run_start is None:
                         run_start = position + s
                 elif run_start is not None:
-                    if position + s - run_start >= min_run:
+                    # Bounded (the first `points` runs are marked), but the envelope goes on.
+                    if position + s - run_start >= min_run and len(silent) < 2 * points:
                         silent += [run_start / rate, (position + s) / rate]
                     run_start = None
             position += len(mono)
-            if len(silent) > 2 * points:  # bounded: a few hundred marks at most
-                break
-        if run_start is not None and position - run_start >= min_run:
+        if run_start is not None and position - run_start >= min_run and len(silent) < 2 * points:
             silent += [run_start / rate, position / rate]
     return {"min": lows[:points], "max": highs[:points], "silence_s": silent[: 2 * points]}
 
