@@ -27,11 +27,9 @@ from receiver.web.recordings import RecordingsIndex, resolve_file
 from tests.support.receiver import TOKEN, make_settings
 
 
-def test_levels_are_rms_and_peak_of_the_latest_batch() -> None:
-    """The levels sink keeps the RMS and peak of the last batch per track, and forgets the
-    stream when it ends; as an observer it does not keep a failed recording alive."""
+def _stream_info() -> StreamInfo:
     media_format = MediaFormat("audio/x-mulaw", 8000)
-    info = StreamInfo(
+    return StreamInfo(
         start=Start(stream_sid="MZ1", media_format=media_format, tracks=("inbound",)),
         path="/",
         query="",
@@ -39,6 +37,12 @@ def test_levels_are_rms_and_peak_of_the_latest_batch() -> None:
         started_at=datetime.now(UTC),
         codec=codec_for(media_format),
     )
+
+
+def test_levels_are_rms_and_peak_of_the_latest_batch() -> None:
+    """The levels sink keeps the RMS and peak of the last batch per track, and forgets the
+    stream when it ends; as an observer it does not keep a failed recording alive."""
+    info = _stream_info()
     levels = LiveLevels()
     _, factory = levels.sink()
     sink = factory(make_settings(Path()))
@@ -212,3 +216,36 @@ def test_a_waveform_covers_the_whole_file_however_many_silences_it_has(tmp_path:
     assert len(shape["min"]) == len(shape["max"]) == points
     assert all(high > 0.2 for high in shape["max"])  # tone in every bucket, to the end
     assert len(shape["silence_s"]) == 2 * points  # the marked pauses are capped
+
+
+async def test_a_stream_with_only_watchers_left_is_no_longer_recorded(tmp_path: Path) -> None:
+    """Neither the levels sink nor the delivery sink records audio: once the wav sink failed,
+    the stream counts as failed (1011) with them beside it."""
+    from prometheus_client import CollectorRegistry
+
+    from receiver.delivery import Delivery
+
+    settings = make_settings(tmp_path, upload_url=f"file://{tmp_path / 'store'}")
+    delivery = Delivery()
+    await delivery.start(settings, registry=CollectorRegistry())
+    try:
+        _, web_factory = LiveLevels().sink()
+        broken = WavSink(recordings_dir=Path("/nonexistent/recordings"))
+        watchers = [("web", web_factory(settings)), ("delivery", delivery(settings))]
+        fanout = Fanout([("wav", broken), *watchers], logger=logging.getLogger("t"))
+        fanout.open(_stream_info())
+        assert [name for name, _ in fanout._live] == ["web", "delivery"]  # both opened
+        assert fanout.errors and not fanout.alive
+    finally:
+        await delivery.stop()
+
+
+async def test_the_page_binds_an_ipv6_address(tmp_path: Path) -> None:
+    """RECEIVER_UI_HOST=::1 serves the login page on IPv6 loopback (it failed to listen)."""
+    ui = WebUI(make_settings(tmp_path, ui_host="::1", ui_port=0))
+    await ui.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://[::1]:{ui.port}") as client:
+            assert (await client.get("/login")).status_code == 200
+    finally:
+        await ui.stop()

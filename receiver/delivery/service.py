@@ -368,6 +368,7 @@ class DeliverySink:
     location: str | None = None
     writes_record = False
     delivers_record = True
+    observer = True  # it records nothing: a stream whose recording sinks all failed is failed
 
     def __init__(self, delivery: Delivery) -> None:
         self._delivery = delivery

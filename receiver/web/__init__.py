@@ -81,7 +81,8 @@ class WebUI:
 
         s = self.settings
         assert s.ui_port is not None, "RECEIVER_UI_PORT is empty: the page is off"
-        self._socket = socket.create_server((s.ui_host, s.ui_port))
+        family = socket.AF_INET6 if ":" in s.ui_host else socket.AF_INET
+        self._socket = socket.create_server((s.ui_host, s.ui_port), family=family)
         config = uvicorn.Config(
             self.app.asgi,
             lifespan="off",

@@ -331,7 +331,6 @@ class WebApp:
             )
             return JSONResponse({"error": "too many live views"}, status_code=503)
         cookie = request.cookies.get(COOKIE_NAME)
-        self.event_streams += 1
         return StreamingResponse(
             self._live_events(cookie),
             media_type="text/event-stream",
@@ -339,6 +338,9 @@ class WebApp:
         )
 
     async def _live_events(self, cookie: str | None) -> AsyncIterator[str]:
+        # Counted from here, where the finally that uncounts it is sure to run: a client gone
+        # before its response started never starts this.
+        self.event_streams += 1
         try:
             yield "retry: 1000\n\n"
             interval = self.config.live_interval_s
