@@ -136,3 +136,17 @@ async def test_without_a_record_sink_stream_ended_still_says_which_stream_and_ho
     ended = events["stream.ended"]
     assert ended["stream_sid"] == "no-files" and ended["directory"] is None
     assert ended["end"]["kind"] == "stop" and ended["tracks"]["inbound"]["samples"] > 0
+
+
+def test_backoff_forgets_items_that_left_the_queue() -> None:
+    """An item that failed and then left the queue another way (`receiver upload`) must not
+    keep a due time: the worker would wake at once, pass after pass."""
+    from receiver.delivery.queue import Backoff
+
+    backoff = Backoff(first_s=0.001, max_s=0.001)
+    backoff.failed("gone.json")
+    backoff.failed("kept.json")
+    backoff.retain({"kept.json"})
+    assert set(backoff.not_before) == {"kept.json"} and set(backoff.attempts) == {"kept.json"}
+    backoff.retain(set())
+    assert backoff.next_due_s() is None

@@ -96,6 +96,12 @@ class Backoff:
         self.attempts.pop(name, None)
         self.not_before.pop(name, None)
 
+    def retain(self, names: set[str]) -> None:
+        """Forget the items that left the queue by another way (a ``receiver upload``, a hand):
+        a stale due time would wake the worker at once, pass after pass."""
+        for gone in self.not_before.keys() - names:
+            self.succeeded(gone)
+
     def ready(self, name: str) -> bool:
         return time.monotonic() >= self.not_before.get(name, 0.0)
 

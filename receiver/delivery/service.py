@@ -261,6 +261,7 @@ class Delivery:
         while True:
             self._upload_wake.clear()
             pending = await asyncio.to_thread(items, self.dirs.uploads)
+            self._upload_backoff.retain({path.name for path in pending})
             for path in pending:
                 if self._upload_backoff.ready(path.name):
                     await self._upload_one(path)
@@ -322,6 +323,7 @@ class Delivery:
         while True:
             self._webhook_wake.clear()
             pending = await asyncio.to_thread(items, self.dirs.webhooks)
+            self._webhook_backoff.retain({path.name for path in pending})
             for path in pending:
                 if not self._webhook_backoff.ready(path.name):
                     continue
