@@ -9,6 +9,8 @@ import json
 import os
 import signal
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import soundfile
 
 from receiver.codecs import CLI_CODECS, codec_for
 from receiver.delivery import Delivery
@@ -387,3 +390,39 @@ async def test_with_delete_local_the_directory_goes_once_the_objects_are_verifie
         (tmp_path / f"{track}.wav").write_bytes(objects[f"{track}.wav"])
         got, _ = read_wav(tmp_path / f"{track}.wav")
         np.testing.assert_array_equal(got, sox_decode(tmp_path / f"{track}.ul", "ul"))
+
+
+async def test_a_record_whose_own_upload_fails_is_not_marked_uploaded(tmp_path: Path) -> None:
+    """The audio is stored but stream.json's own put fails (its key is taken by a directory in
+    a file:// store): the local record does not say "uploaded", so a backfill tries again."""
+    from receiver.delivery.upload import Uploader, UploadError, make_store
+
+    directory = tmp_path / "recordings" / "half"
+    directory.mkdir(parents=True)
+    soundfile.write(directory / "inbound.wav", np.zeros(800, dtype=np.int16), 8000)
+    record = {"status": "complete", "started_at": "2026-12-01T10:00:00+00:00"}
+    record["files"] = {"inbound": "inbound.wav"}
+    (directory / "stream.json").write_text(json.dumps(record))
+    store_root = tmp_path / "store"
+    (store_root / "2026" / "12" / "01" / "half" / "stream.json").mkdir(parents=True)
+    url = f"file://{store_root}"
+    uploader = Uploader(
+        make_store(url, timeout_s=5), base_url=url, part_bytes=5 << 20, concurrency=1
+    )
+    with pytest.raises(UploadError):
+        await uploader.upload_stream(directory)
+    assert (store_root / "2026" / "12" / "01" / "half" / "inbound.wav").is_file()
+    assert "upload" not in json.loads((directory / "stream.json").read_text())
+
+
+def test_a_backfilled_stream_has_one_token_on_every_run() -> None:
+    """The token (and so the webhook id) of a backfilled stream is the same in every process;
+    hash() is salted per process."""
+    code = "from receiver.delivery.command import backfill_token; print(backfill_token('old-1'))"
+    runs = {
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout
+        for _ in range(3)
+    }
+    assert len(runs) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,12 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_upload_all(uploader, streams))
 
 
+def backfill_token(directory: str) -> str:
+    """The queue token of a backfilled stream: the same on every run (``hash()`` is salted per
+    process), so that its ``recording.uploaded`` keeps one webhook id."""
+    return "b" + hashlib.sha256(directory.encode()).hexdigest()[:16]
+
+
 async def _upload_all(uploader: Uploader, streams: list[Path]) -> int:
     uploaded = pending = already = 0
     for directory in streams:
@@ -81,7 +88,7 @@ async def _upload_all(uploader: Uploader, streams: list[Path]) -> int:
             # Left in the queue: a running receiver retries it.
             QueueDirs.under(directory.parent).make()
             write_item(
-                marker, {"token": f"b{abs(hash(directory.name)):x}", "directory": directory.name}
+                marker, {"token": backfill_token(directory.name), "directory": directory.name}
             )
             print(f"{directory}: pending ({exc.reason}): {exc}")
             pending += 1

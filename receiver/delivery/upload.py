@@ -144,8 +144,15 @@ class Uploader:
             "objects": objects,
             "uploaded_at": datetime.now(UTC).isoformat(),
         }
+        # The stored record says where everything went, so it is written with that first; if
+        # its own upload fails, the local one must not go on saying "uploaded".
         await asyncio.to_thread(write_json_atomic, record_path, record)
-        total += await self._put_verified(record_path, f"{prefix}/{RECORD_NAME}")
+        try:
+            total += await self._put_verified(record_path, f"{prefix}/{RECORD_NAME}")
+        except UploadError:
+            del record["upload"]
+            await asyncio.to_thread(write_json_atomic, record_path, record)
+            raise
         return Uploaded(objects, total)
 
     async def _put_verified(self, path: Path, key: str) -> int:
