@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from receiver.sinks.redis.wire import text
+
+__all__ = ["Entry", "Fields", "stream_items", "text"]
+
 Fields = dict[bytes, bytes]
 Entry = tuple[str, Fields]
-
-
-def text(value: object) -> str:
-    """A reply's bytes as text (ids, keys, names are ASCII)."""
-    return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
 
 
 def stream_items(response: Any) -> Iterator[tuple[str, list[Entry]]]:

@@ -544,6 +544,8 @@ class RedisSink:
     def _report_gaps(self) -> None:
         """Publish a ``gap`` entry for spans the queue dropped since the last one."""
         assert self._state is not None
+        if not self._state.unreported:  # nearly always: no lock a batch (a late one is next)
+            return
         spans = self.publisher.take_unreported(self._state)
         if not spans:
             return

@@ -94,16 +94,17 @@ class AudioEntry:
     samples: NDArray[np.int16]
 
 
-def _text(value: object) -> str:
+def text(value: object) -> str:
+    """A reply's bytes as text (ids, keys, names are ASCII)."""
     return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
 
 
 def read_control(fields: Mapping[bytes, bytes]) -> ControlEntry:
     """Decode a control entry; ``WireError`` for another version or a malformed one."""
-    version = _text(fields.get(b"v", b""))
+    version = text(fields.get(b"v", b""))
     if version != str(FORMAT_VERSION):
         raise WireError(f"format version {version!r}, this reader knows {FORMAT_VERSION}")
-    kind_text = _text(fields.get(b"type", b""))
+    kind_text = text(fields.get(b"type", b""))
     kind = next((k for k in CONTROL_KINDS if k == kind_text), None)
     if kind is None:
         raise WireError(f"unknown entry type {kind_text[:32]!r}")
@@ -114,7 +115,7 @@ def read_control(fields: Mapping[bytes, bytes]) -> ControlEntry:
         raise WireError(f"unreadable rate or data: {exc}") from None
     if not isinstance(data, dict):
         raise WireError("data is not a JSON object")
-    stream_id = _text(fields.get(b"stream_id", b""))
+    stream_id = text(fields.get(b"stream_id", b""))
     return ControlEntry(kind, stream_id, rate, data)
 
 
