@@ -249,3 +249,20 @@ async def test_the_page_binds_an_ipv6_address(tmp_path: Path) -> None:
             assert (await client.get("/login")).status_code == 200
     finally:
         await ui.stop()
+
+
+def test_a_live_row_carries_only_what_it_shows() -> None:
+    """99 custom parameters of 4,096 characters are not sent to every live view ten times a
+    second: the row holds the page's 20, each cut to 200 characters, like the list's."""
+    params = {f"p{n}": "v" * 4096 for n in range(99)}
+    info = _stream_info()
+    info = dataclasses.replace(
+        info, start=dataclasses.replace(info.start, custom_parameters=params)
+    )
+    levels = LiveLevels()
+    _, factory = levels.sink()
+    factory(make_settings(Path())).open(info)
+    (live,) = levels.snapshot()
+    assert len(live["custom_parameters"]) == 20
+    assert {len(v) for v in live["custom_parameters"].values()} == {200}
+    assert len(json.dumps(live)) < 6_000

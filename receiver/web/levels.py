@@ -19,11 +19,16 @@ from numpy.typing import NDArray
 from receiver.events import Track
 from receiver.session import DtmfRecord, MarkRecord
 from receiver.sinks.base import SinkFactory, StreamInfo, StreamSummary
+from receiver.web.recordings import shown_parameters
 
 if TYPE_CHECKING:
     from receiver.settings import Settings
 
 _FULL_SCALE = 32768.0
+
+
+# The fields of a stream's info that its live row shows (besides its custom parameters).
+_SHOWN_INFO = ("stream_sid", "call_sid", "path", "codec", "started_at")
 
 
 @dataclass(slots=True)
@@ -113,7 +118,11 @@ class LevelsSink:
         """Register the stream as live."""
         rate = info.codec.sample_rate_hz if info.codec else info.start.media_format.sample_rate_hz
         key = next(self._levels._keys)
-        self._state = LiveState(key, info.as_dict(), max(rate, 1), time.monotonic())
+        record = info.as_dict()
+        # Only what a live view shows: it is sent to every open view ten times a second.
+        shown = {name: record[name] for name in _SHOWN_INFO}
+        shown["custom_parameters"] = shown_parameters(record["custom_parameters"])
+        self._state = LiveState(key, shown, max(rate, 1), time.monotonic())
         self._levels.streams[key] = self._state
 
     def write(self, track: Track, position: int, samples: NDArray[np.int16]) -> None:

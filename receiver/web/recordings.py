@@ -37,6 +37,7 @@ FILE_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}\.(wav|flac|json)")
 _AUDIO_SUFFIXES = (".wav", ".flac")
 _MAX_RECORD_BYTES = 4 * 1024 * 1024
 _MAX_SHOWN_PARAM_CHARS = 200
+_MAX_SHOWN_PARAMS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,13 +76,18 @@ def summarise(directory: str, record: dict[str, Any]) -> dict[str, Any]:
             default=0.0,
         ),
         "tracks": sorted(str(t) for t in (tracks or {})),
-        "custom_parameters": {
-            _text(k)[:_MAX_SHOWN_PARAM_CHARS]: _text(v)[:_MAX_SHOWN_PARAM_CHARS]
-            for k, v in list(params.items())[:20]
-        },
+        "custom_parameters": shown_parameters(params),
         "dtmf": len(record.get("dtmf") or []),
         "uploaded": isinstance(record.get("upload"), dict)
         and record["upload"].get("status") == "uploaded",
+    }
+
+
+def shown_parameters(params: dict[Any, Any]) -> dict[str, str]:
+    """What the page shows of a stream's custom parameters: the first 20, each cut short."""
+    return {
+        _text(k)[:_MAX_SHOWN_PARAM_CHARS]: _text(v)[:_MAX_SHOWN_PARAM_CHARS]
+        for k, v in list(params.items())[:_MAX_SHOWN_PARAMS]
     }
 
 
