@@ -157,16 +157,6 @@ class Settings(BaseSettings):
     def _empty_port_is_off(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("ui_tokens", mode="before")
-    @classmethod
-    def _split_ui_tokens(cls, value: Any) -> Any:
-        return cls._split_tokens(value)
-
-    @field_validator("ui_tokens")
-    @classmethod
-    def _check_ui_tokens(cls, value: list[SecretStr]) -> list[SecretStr]:
-        return cls._check_tokens(value)
-
     @property
     def ui_token_values(self) -> list[str]:
         """The page's own login tokens, plain; never log them."""
@@ -174,14 +164,14 @@ class Settings(BaseSettings):
 
     # --- end of the web page's settings.
 
-    @field_validator("tokens", mode="before")
+    @field_validator("tokens", "ui_tokens", mode="before")
     @classmethod
     def _split_tokens(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [t.strip() for t in value.split(",") if t.strip()]
         return value
 
-    @field_validator("tokens")
+    @field_validator("tokens", "ui_tokens")
     @classmethod
     def _check_tokens(cls, value: list[SecretStr]) -> list[SecretStr]:
         for token in value:

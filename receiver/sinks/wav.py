@@ -46,6 +46,8 @@ _SFC_UPDATE_HEADER_NOW = 0x1060
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _MAX_DIR_CHARS = 64
 _MAX_SAME_SID = 1000
+# Every name make_stream_dir makes (and no other): safe_dirname's, then "-N" for a repeated sid.
+STREAM_DIR_PATTERN = re.compile(rf"[A-Za-z0-9_-]{{1,{_MAX_DIR_CHARS + len(f'-{_MAX_SAME_SID}')}}}")
 # Native G.711 keeps the platform's bytes; libsndfile encodes our int16 back to the same codes.
 _NATIVE_SUBTYPES = {"pcmu": "ULAW", "pcma": "ALAW"}
 _RECORD_ENCODER = json.JSONEncoder(indent=2, ensure_ascii=True)

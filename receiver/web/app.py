@@ -36,10 +36,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from receiver.auth import TokenChecker
+from receiver.sinks.wav import RECORD_NAME
 from receiver.web.auth import COOKIE_NAME, LoginThrottle, Sessions
 from receiver.web.levels import LiveLevels
 from receiver.web.recordings import (
-    RECORD_NAME,
     RecordingsIndex,
     Waveforms,
     read_record,

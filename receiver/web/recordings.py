@@ -27,12 +27,11 @@ from typing import Any
 import numpy as np
 import soundfile
 
+from receiver.sinks.wav import RECORD_NAME, STREAM_DIR_PATTERN
+
 logger = logging.getLogger("receiver.web")
 
-RECORD_NAME = "stream.json"
-# What receiver.sinks.wav.make_stream_dir makes: [A-Za-z0-9_-], at most 64 characters, then
-# "-N" for a repeated sid.
-DIR_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,80}")
+DIR_PATTERN = STREAM_DIR_PATTERN
 FILE_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}\.(wav|flac|json)")
 _AUDIO_SUFFIXES = (".wav", ".flac")
 _MAX_RECORD_BYTES = 4 * 1024 * 1024
