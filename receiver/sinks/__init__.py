@@ -144,18 +144,15 @@ class Fanout:
                 return Path(found)
         return None
 
-    def close(self, summary_for: Callable[[tuple[str, ...]], StreamSummary]) -> None:
-        """Close every sink, failed ones too; ``summary_for(errors)`` builds the summary.
+    async def aclose(self, summary_for: Callable[[tuple[str, ...]], StreamSummary]) -> None:
+        """Close every sink, failed ones too; ``summary_for(errors)`` builds the summary. A sink
+        with an ``aclose`` (it finishes off the event loop) is awaited, the others' ``close``
+        called.
 
         In three groups (see ``receiver.sinks.base``): the others, then the sinks that keep the
         stream's record (``writes_record``: ``wav`` and its ``stream.json``), with a summary
         that includes what the others raised while closing, then those that deliver it.
         """
-        for name, sink in self._ordered():
-            self._call(name, sink, "close", sink.close, self._summary(summary_for))
-
-    async def aclose(self, summary_for: Callable[[tuple[str, ...]], StreamSummary]) -> None:
-        """``close``, awaiting the sinks that finish off the event loop (an ``aclose``)."""
         for name, sink in self._ordered():
             summary = self._summary(summary_for)
             aclose = getattr(sink, "aclose", None)
