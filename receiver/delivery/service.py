@@ -212,10 +212,7 @@ class Delivery:
     def _resolve(self, token: str, directory: Path | None, fallback: dict[str, Any]) -> None:
         """Turn a stream marker into an upload item and a ``stream.ended`` event (a thread)."""
         assert self.dirs is not None
-        record: dict[str, Any] = dict(fallback)
-        if directory is not None:
-            with contextlib.suppress(OSError, ValueError):
-                record = json.loads((directory / RECORD_NAME).read_text(encoding="utf-8"))
+        record = (_read_record(directory) if directory is not None else {}) or dict(fallback)
         record["directory"] = directory.name if directory is not None else None
         if self.sender is not None:
             webhooks.enqueue(self.dirs, token=token, event="stream.ended", data=event_data(record))
@@ -250,10 +247,9 @@ class Delivery:
         assert self.recordings_dir is not None
         base = safe_dirname(str(marker.get("stream_sid", "")))
         for candidate in sorted(self.recordings_dir.glob(f"{base}*")):
-            with contextlib.suppress(OSError, ValueError):
-                record = json.loads((candidate / RECORD_NAME).read_text(encoding="utf-8"))
-                if record.get("started_at") == marker.get("started_at"):
-                    return candidate
+            record = _read_record(candidate)
+            if record and record.get("started_at") == marker.get("started_at"):
+                return candidate
         return None
 
     async def _upload_worker(self) -> None:
@@ -356,6 +352,7 @@ async def _wait(wake: asyncio.Event, timeout_s: float | None) -> None:
 
 
 def _read_record(directory: Path) -> dict[str, Any]:
+    """A stream's ``stream.json``, or ``{}`` when it is missing, unreadable or not an object."""
     try:
         value = json.loads((directory / RECORD_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
