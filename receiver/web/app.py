@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from receiver.auth import TokenChecker
 from receiver.sinks.wav import RECORD_NAME
+from receiver.text import shorten
 from receiver.web.auth import COOKIE_NAME, LoginThrottle, Sessions
 from receiver.web.levels import LiveLevels
 from receiver.web.recordings import (
@@ -174,7 +175,9 @@ class WebApp:
         if origin != expected:
             self.counters["bad_origin"] += 1
             logger.warning(
-                "web page: refused a POST %s from origin %.80r", request.url.path, origin
+                "web page: refused a POST %s from origin %s",
+                shorten(request.url.path, 80),
+                shorten(origin or "(none)", 80),
             )
             return False
         return True
