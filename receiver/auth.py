@@ -1,7 +1,7 @@
 """The handshake gate: ``/healthz``, the bearer-token check, and the stream limit.
 
-It runs as the websockets ``process_request`` hook, before the upgrade, so a rejected client
-never reaches a handler and nothing is created on disk for it.
+The connection layer asks it about every request for a stream before the upgrade, so a
+rejected client never reaches a handler and nothing is created on disk for it.
 """
 
 from __future__ import annotations
@@ -10,13 +10,9 @@ import hashlib
 import hmac
 import logging
 from collections.abc import Callable, Sequence
-from http import HTTPStatus
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
-from websockets.asyncio.server import ServerConnection
-from websockets.datastructures import MultipleValuesError
-from websockets.http11 import Request, Response
+from receiver.http import HttpRequest, HttpResponse, Route
 
 if TYPE_CHECKING:
     from receiver.gate import ConnectionGate
@@ -41,7 +37,10 @@ class RedactCredentials(logging.Filter):
 
 
 def redact_websockets_logs() -> None:
-    """Install ``RedactCredentials`` on websockets' loggers, once: at DEBUG they log headers."""
+    """Install ``RedactCredentials`` on websockets' loggers, once: at DEBUG they log headers.
+
+    A process-wide change, so it is made by the commands (``serve``, ``simulate``), not by
+    constructing a ``Receiver``."""
     for name in ("websockets.server", "websockets.client"):
         target = logging.getLogger(name)
         if not any(isinstance(f, RedactCredentials) for f in target.filters):
@@ -81,88 +80,76 @@ class TokenChecker:
         return matched
 
 
-def make_gate(
+def stream_gate(
     *,
     check_token: TokenChecker,
     is_draining: Callable[[], bool],
-    health: Callable[[], str | None],
     connection_gate: ConnectionGate,
     at_capacity: Callable[[], bool],
     ip_at_capacity: Callable[[str], bool],
     on_reject: Callable[[str], None],
-    metrics: Callable[[], str] | None = None,
-) -> Callable[[ServerConnection, Request], Response | None]:
-    """Build the ``process_request`` hook.
+) -> Callable[[HttpRequest], HttpResponse | None]:
+    """The check of a request for a stream, before websockets looks at the upgrade.
 
-    ``GET /healthz`` answers 200 without a token (503 while draining, or with ``health``'s
-    reason when the recordings cannot be written), and so does
-    ``GET /metrics`` when ``metrics`` renders them on this port; every other request
-    needs a valid bearer token (401), the server must not be draining or full (503), and the
-    client's address must be under its connection limit (429). ``on_reject`` is told the reason
-    (``auth``, ``draining``, ``capacity``, ``ip_limit``) for the counters.
+    It needs a valid bearer token (401; two Authorization headers: 400), the server must not
+    be draining or full (503), and the client's address must be under its connection limit
+    (429). ``on_reject`` is told the reason (``auth``, ``draining``, ``capacity``,
+    ``ip_limit``) for the counters. None: the stream may open.
     """
 
-    def gate(connection: ServerConnection, request: Request) -> Response | None:
-        path = urlsplit(request.path).path
-        if path == HEALTH_PATH:
-            if is_draining():
-                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
-            problem = health()
-            if problem is not None:
-                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"{problem}\n")
-            return connection.respond(HTTPStatus.OK, "ok\n")
-        if path == METRICS_PATH and metrics is not None:
-            response = connection.respond(HTTPStatus.OK, metrics())
-            del response.headers["Content-Type"]
-            response.headers["Content-Type"] = METRICS_CONTENT_TYPE
-            return response
-        try:
-            header = request.headers.get("Authorization")
-        except MultipleValuesError:
+    def gate(request: HttpRequest) -> HttpResponse | None:
+        ip = request.peer_ip
+        if request.header_count("authorization") > 1:
             connection_gate.bad_request(
-                peer_ip(connection), reason="duplicate_header", detail="two Authorization headers"
+                ip, reason="duplicate_header", detail="two Authorization headers"
             )
-            return connection.respond(HTTPStatus.BAD_REQUEST, "one Authorization header, please\n")
-        token = bearer_token(header)
+            return HttpResponse.text(400, "one Authorization header, please\n", close=True)
+        token = bearer_token(request.header("authorization"))
         if token is None or not check_token(token):
             problem = "no bearer token" if token is None else "wrong bearer token"
-            logger.warning("rejected handshake from %s: %s", peer_ip(connection), problem)
+            logger.warning("rejected handshake from %s: %s", ip, problem)
             on_reject("auth")
-            response = connection.respond(HTTPStatus.UNAUTHORIZED, "bearer token required\n")
-            response.headers["WWW-Authenticate"] = 'Bearer realm="receiver"'
-            return response
+            return HttpResponse.text(
+                401,
+                "bearer token required\n",
+                headers=(("WWW-Authenticate", 'Bearer realm="receiver"'),),
+                close=True,
+            )
         if is_draining():
             on_reject("draining")
-            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
+            return HttpResponse.text(503, "shutting down\n", close=True)
         if at_capacity():
-            logger.warning("rejected handshake from %s: stream limit reached", peer_ip(connection))
+            logger.warning("rejected handshake from %s: stream limit reached", ip)
             on_reject("capacity")
-            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many streams\n")
-        if ip_at_capacity(peer_ip(connection)):
-            logger.warning("rejected handshake from %s: per-address limit", peer_ip(connection))
+            return HttpResponse.text(503, "too many streams\n", close=True)
+        if ip_at_capacity(ip):
+            logger.warning("rejected handshake from %s: per-address limit", ip)
             on_reject("ip_limit")
-            return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many streams from you\n")
+            return HttpResponse.text(429, "too many streams from you\n", close=True)
         return None
 
     return gate
 
 
-def count_refusals(
-    connection_gate: ConnectionGate,
-) -> Callable[[ServerConnection, Request, Response], None]:
-    """The ``process_response`` hook: counts and logs the 4xx websockets answers by itself
-    (400 a malformed WebSocket handshake, 426 a plain HTTP request for a stream)."""
+def health_route(*, is_draining: Callable[[], bool], health: Callable[[], str | None]) -> Route:
+    """``GET /healthz``, without a token: 200, or 503 while draining or when the recordings
+    cannot be written (``health``'s reason)."""
 
-    def check(connection: ServerConnection, request: Request, response: Response) -> None:
-        exc = connection.protocol.handshake_exc  # set for websockets' answers, not the gate's
-        if exc is not None and response.status_code in (400, 426):
-            reason = "invalid_handshake" if response.status_code == 400 else "not_websocket"
-            connection_gate.bad_request(peer_ip(connection), reason=reason, detail=str(exc))
+    async def healthz(request: HttpRequest) -> HttpResponse:
+        if is_draining():
+            return HttpResponse.text(503, "draining\n")
+        problem = health()
+        if problem is not None:
+            return HttpResponse.text(503, f"{problem}\n")
+        return HttpResponse.text(200, "ok\n")
 
-    return check
+    return Route(healthz)
 
 
-def peer_ip(connection: ServerConnection) -> str:
-    """The client's IP address as text (the TCP peer: behind a proxy, the proxy's)."""
-    address = connection.remote_address
-    return str(address[0]) if address else "unknown"
+def metrics_route(render: Callable[[], str]) -> Route:
+    """``GET /metrics`` on the stream port, without a token (when it has no port of its own)."""
+
+    async def metrics(request: HttpRequest) -> HttpResponse:
+        return HttpResponse(200, render().encode(), content_type=METRICS_CONTENT_TYPE)
+
+    return Route(metrics)

@@ -24,6 +24,7 @@ import soundfile
 from pydantic import SecretStr
 
 from receiver import __version__
+from receiver.auth import redact_websockets_logs
 from receiver.codecs import CLI_CODECS, codec_for
 from receiver.events import Track
 from receiver.exceptions import ConfigError, ListenError, ReceiverError
@@ -218,6 +219,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_format=args.log_format,
     )
     setup_logging(level=settings.log_level, log_format=settings.log_format)
+    redact_websockets_logs()  # process-wide, so the command's to make
     check_recordings_dir(settings.recordings_dir)
     from receiver.sinks import sink_factories_for
 

@@ -1,66 +1,87 @@
-"""websockets' server connection, with the platform's text frames split off the hot path.
+"""Our connection layer: bytes in, TLS, HTTP routes, a WebSocket, and the platform's frames.
 
-``StreamConnection`` is websockets' ``ServerConnection`` (handshake, auth hooks, keepalive,
-close handshake, errors) until its handler calls ``take_over()``. From then on its bytes go
-through ``receiver.frames.TextFrames``, and ``consume()`` hands every text message a read
-brought to the handler's consumer straight from ``data_received``: no task wake-up a read,
-which is most of a frame's cost when the platform sends one frame a read (20 ms apart). Pings,
-pongs and whatever the splitter hands back still go to websockets, which carries on as if it
-had parsed every frame itself. Measured by ``bench.run``, see ``bench/README.md``.
+One ``Connection`` (an ``asyncio.Protocol`` on a plain TCP transport) per client, in phases:
 
-Once the consumer has ended the stream, the bytes that follow (the client's close frame,
-typically in the same read as its ``stop``) wait until the handler calls ``release()`` after
-finishing the files: websockets would answer the close, and the client see the connection
-end, before the last batch was written. The same holds for what websockets sends by itself
-while the stream is live (its answer to a client's close; its own close for a frame too big,
-invalid UTF-8, bad framing, a keepalive timeout): ``send_data`` keeps it, ``consume`` raises
-``ConnectionClosed`` as if the connection had ended, and ``release()`` sends it.
+1. **TLS** through ``ssl.MemoryBIO`` (``TlsSession``): the transport carries ciphertext, so
+   reading can be paused and resumed like any TCP socket's.
+2. **HTTP** through h11 (``receiver.http.HttpParser``): a request for a route (``/healthz``,
+   ``/metrics``, the status callbacks: any method, bodies bounded, keep-alive) goes to its
+   handler; any other is a stream: the bearer gate (``StreamPort.admit``), then websockets'
+   sans-I/O ``ServerProtocol.accept`` validates the upgrade and builds the 101.
+3. **WebSocket**: ``receiver.frames.TextFrames`` splits the platform's text frames off the hot
+   path and hands every message a read brought to the stream's consumer straight from
+   ``data_received`` (no task wake-up a read). Pings, pongs and whatever the splitter hands
+   back go to a websockets ``ServerProtocol`` (``state=OPEN``), which answers pings, runs the
+   close handshake and refuses bad frames (1002, 1007, 1009).
 
-A read is handed on in slices of ``_SLICE_BYTES``; once one read has taken ``_TICK_BUDGET_S``
-of the loop, the rest waits (reading paused) for the loop's next round, so that a burst of
-cheap frames that are costly in bulk (60,000 DTMF events, a ping flood: uvloop reads a
-connection up to 32 times a wake-up) cannot hold every other stream for a second.
+**Read coalescing**: once the WebSocket is open, a connection's reading is paused after each
+read and resumed ``RECEIVER_READ_INTERVAL_MS`` later by ``ReadTicks``, so the kernel gathers
+the frames of that interval and one ``recv``, one decrypt and one Python call serve them all.
+A read that brings a lot (a client sending faster than real time) is not paused: coalescing
+buys nothing there and would only slow it down.
 
-Every write goes through ``_write``, which aborts a connection whose unsent bytes pass the
-gate's limit (a client that pings and never reads its pongs), and the gate counts the
-connection (admitted at accept by ``receiver.listener``) as a handshake in progress until its
-handler starts or it ends.
+While a stream is live, what the protocol sends by itself once the connection is closing (its
+echo of a client's close, its close for a refused frame or a lost keepalive) waits until the
+handler calls ``release()`` after finishing the files, and so do the bytes the client sends
+after the consumer ended the stream: a client that sees the close finds every file complete.
+
+Bounds: a read is handed on in slices of ``_SLICE_BYTES`` and yields the loop once it has taken
+``_TICK_BUDGET_S``; reading pauses while ``_PAUSE_AT_BYTES`` of messages wait for the
+consumer; every write checks the transport's buffer against the gate's limit (a client that
+pings and never reads its pongs is aborted); the handshake (TLS and request) and every
+keep-alive wait have ``RECEIVER_HANDSHAKE_TIMEOUT_S``; a close has ``RECEIVER_CLOSE_TIMEOUT_S``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import logging
+import math
+import os
+import ssl
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import (
-    ConnectionClosed,
-    ConnectionClosedError,
-    ConnectionClosedOK,
-    InvalidMessage,
-)
-from websockets.frames import OK_CLOSE_CODES
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError, ConnectionClosedOK
+from websockets.frames import OK_CLOSE_CODES, Frame, Opcode
+from websockets.http11 import Request
 from websockets.protocol import State
-from websockets.typing import Data
+from websockets.server import ServerProtocol
+from websockets.typing import Data, LoggerLike
 
 from receiver.frames import TextFrames
 from receiver.gate import ConnectionGate, PendingHandshake
+from receiver.http import (
+    SERVER_NAME,
+    HttpParser,
+    HttpRequest,
+    HttpResponse,
+    Malformed,
+    Route,
+    serialize_closing,
+)
 
-# Reading pauses while this much received text waits for the consumer (websockets' own queue
-# pauses at 16 messages): a bound on each connection's memory when the handler is not reading.
+logger = logging.getLogger("receiver.connection")
+
+# Reading pauses while this much received text waits for the consumer: a bound on each
+# connection's memory when the handler is not reading.
 _PAUSE_AT_BYTES = 256 * 1024
-# One read is handed on this much at a time, and yields the loop once it has taken the budget:
+# A read is handed on this much at a time, and yields the loop once it has taken the budget:
 # 4 KiB is ~680 empty pings (~10 ms for websockets to answer) or 3 media frames (~0.1 ms).
 _SLICE_BYTES = 4096
 _TICK_BUDGET_S = 0.005
-
-_BAD_REQUEST = (
-    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
-    b"Content-Length: 12\r\nConnection: close\r\n\r\nbad request\n"
-)
+# A read this large means the client is ahead of real time: read on, do not coalesce.
+_BIG_READ_BYTES = 64 * 1024
+# Plaintext asked of OpenSSL a call (a TLS record holds at most 16 KiB).
+_TLS_READ_BYTES = 64 * 1024
+# Coalesced reads are resumed in this many slots an interval, so that the connections' reads
+# stay spread over the interval instead of all coming due at one instant.
+_SLOTS_AN_INTERVAL = 8
 
 T = TypeVar("T")
 # What a consumer says after a batch: None to go on, anything else ends consume() with it.
@@ -68,199 +89,424 @@ Consumer = Callable[[Sequence[Data]], T | None]
 _HANDED_BACK: Any = object()
 
 
-class StreamConnection(ServerConnection):
-    """A server connection whose handler may take its text frames in batches."""
+class TlsSession:
+    """The server side of one TLS connection over memory buffers, without I/O."""
 
-    # Set per server (``receiver.server``): websockets' max_size, for the splitter; the gate.
-    max_message_bytes = 65_536
+    __slots__ = ("_incoming", "_outgoing", "_ssl", "established", "peer_closed")
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self.established = False
+        self.peer_closed = False  # the client's close_notify came
+
+    def receive(self, data: bytes) -> bytes:
+        """Ciphertext in; the plaintext it completes (raises ``ssl.SSLError`` on bad input)."""
+        self._incoming.write(data)
+        if not self.established:
+            try:
+                self._ssl.do_handshake()
+            except ssl.SSLWantReadError:
+                return b""
+            self.established = True
+        chunks: list[bytes] = []
+        while True:
+            try:
+                chunk = self._ssl.read(_TLS_READ_BYTES)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                self.peer_closed = True
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def encrypt(self, data: bytes) -> bytes:
+        self._ssl.write(data)
+        return self._outgoing.read()
+
+    def outgoing(self) -> bytes:
+        """What the handshake (or a ticket, an alert) wants sent."""
+        return self._outgoing.read()
+
+    def close_notify(self) -> bytes:
+        """Our TLS close, to send before the TCP FIN."""
+        # Want-read: the client's close_notify is not needed before ours goes out.
+        with contextlib.suppress(ssl.SSLError):
+            self._ssl.unwrap()
+        return self._outgoing.read()
+
+
+class ReadTicks:
+    """The shared timer of read coalescing: a paused connection is resumed one interval after
+    its read, in one of ``_SLOTS_AN_INTERVAL`` slots (one timer a slot, not one a connection)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval_s: float) -> None:
+        self._loop = loop
+        self._interval_s = interval_s
+        self._slot_s = interval_s / _SLOTS_AN_INTERVAL
+        self._due: dict[int, list[Connection]] = {}
+
+    def defer(self, connection: Connection) -> None:
+        slot = math.ceil((self._loop.time() + self._interval_s) / self._slot_s)
+        waiting = self._due.get(slot)
+        if waiting is None:
+            waiting = self._due[slot] = []
+            self._loop.call_at(slot * self._slot_s, self._fire, slot)
+        waiting.append(connection)
+
+    def _fire(self, slot: int) -> None:
+        for connection in self._due.pop(slot, ()):
+            connection.tick()
+
+
+@dataclass(eq=False)
+class StreamPort:
+    """What every connection of the stream port shares: limits, routes, the gate, callbacks."""
+
     gate: ConnectionGate
+    admit: Callable[[HttpRequest], HttpResponse | None]  # None: a stream may open
+    on_open: Callable[[Connection], None]
+    tls_context: ssl.SSLContext | None
+    max_message_bytes: int
+    handshake_timeout_s: float
+    close_timeout_s: float
+    ping_interval_s: float
+    ping_timeout_s: float
+    routes: Mapping[str, Route] = field(default_factory=dict)
+    ws_logger: LoggerLike = field(default_factory=lambda: logging.getLogger("websockets.server"))
+    connections: set[Connection] = field(default_factory=set)
+    ticks: ReadTicks | None = None
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.peer_ip = "unknown"
-        # Set by the listener: the gate's count of this handshake, until the handler starts.
-        self.pending_handshake: PendingHandshake | None = None
-        self._live = False  # a handler reads the stream: what websockets sends waits
-        self._deferred: list[bytes] = []  # what websockets sent while live, until release()
-        self._closing: asyncio.Future[None] | None = None  # done once something was deferred
-        self._answered_bad_request = False
-        self.keepalive_expired = False
-        self.write_overflow = False
+    def body_limit(self, method: str, path: str) -> int:
+        route = self.routes.get(path)
+        return route.max_body_bytes if route is not None else 0
+
+
+class Phase(enum.Enum):
+    TLS = "tls"
+    HTTP = "http"
+    WEBSOCKET = "websocket"
+    CLOSED = "closed"
+
+
+class Connection(asyncio.Protocol):
+    """One client, from its first byte to its last (see the module docstring)."""
+
+    def __init__(self, port: StreamPort, handshake: PendingHandshake) -> None:
+        self.port = port
+        self.loop = asyncio.get_running_loop()
+        self.peer_ip = handshake.ip
+        self.pending_handshake: PendingHandshake | None = handshake
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self._tls = TlsSession(port.tls_context) if port.tls_context is not None else None
+        self.phase = Phase.TLS if self._tls is not None else Phase.HTTP
+        self._http: HttpParser | None = HttpParser(
+            peer_ip=self.peer_ip, tls=self._tls is not None, body_limit=port.body_limit
+        )
+        self._route_task: asyncio.Task[None] | None = None
+        self.request: HttpRequest | None = None  # the stream's upgrade request
+        self.protocol: ServerProtocol | None = None
         self._frames: TextFrames | None = None
-        self._ready: list[str] = []
+        self._fragments: list[Frame] = []
+        self._timer: asyncio.TimerHandle | None = None  # handshake, keep-alive or close
+        self._ping: asyncio.TimerHandle | None = None
+        self._ping_payload: bytes | None = None
+        self._reading = True
+        self._coalescing = False
+        self._backlog: bytearray | None = None  # the rest of a read, while the loop is yielded
+        self._ready: list[Data] = []
         self._ready_bytes = 0
         self._consumer: Consumer[Any] | None = None
         self._outcome: asyncio.Future[Any] | None = None
-        self._reading_paused = False
-        self._backlog: bytearray | None = None  # the rest of a read, while the loop is yielded
+        self._live = False  # a handler reads the stream: the protocol's closes wait
         self._ended = False  # the consumer ended the stream (returned or raised)
         self._held = bytearray()  # what came after that, until release()
+        self._deferred: list[bytes] = []
+        self._eof_sent = False
+        self._closed: asyncio.Future[None] = self.loop.create_future()
+        self.keepalive_expired = False
+        self.write_overflow = False
+        self.close_timed_out = False
 
-    def take_over(self) -> bool:
-        """Split frames here from now on, if websockets stands at a frame boundary.
+    # asyncio.Protocol
 
-        That is when the connection is open and websockets holds no byte and no message yet,
-        which is how the platform's first message finds it. Otherwise (a client that sent before
-        the handshake's response, a websockets without these attributes) websockets keeps the
-        stream and ``consume`` takes its messages one by one. Returns whether it took over.
-        """
-        self._live = True
-        buffered = getattr(getattr(self.protocol, "reader", None), "buffer", None)
-        queued = getattr(self.recv_messages, "frames", None)
-        if (
-            self.protocol.state is not State.OPEN
-            or buffered is None
-            or len(buffered)
-            or queued is None
-            or len(queued)
-        ):
-            return False
-        self._frames = TextFrames(max_size=self.max_message_bytes)
-        return True
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a TCP transport (uvloop's too)
+        self.port.connections.add(self)
+        self._arm(self.port.handshake_timeout_s, self._handshake_expired)
 
-    async def consume(self, consumer: Consumer[T]) -> T:
-        """Give every message, in order, to ``consumer`` until it returns something; return that.
+    def data_received(self, data: bytes) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        plain = data
+        if self._tls is not None:
+            try:
+                plain = self._tls.receive(data)
+            except ssl.SSLError as exc:
+                self._flush_tls()
+                if self.phase is Phase.TLS:
+                    self.port.gate.tls_failed(self.peer_ip, exc)
+                self.transport.abort()
+                return
+            self._flush_tls()
+            if self.phase is Phase.TLS:
+                if not self._tls.established:
+                    return
+                self.phase = Phase.HTTP
+        if plain:
+            if self.phase is Phase.HTTP:
+                assert self._http is not None
+                self._http.receive(plain)
+                self._serve_http()
+            elif self.phase is Phase.WEBSOCKET:
+                if self._backlog is not None:
+                    self._backlog += plain  # came while the loop is yielded: it waits its turn
+                elif len(plain) <= _SLICE_BYTES:
+                    self._receive(plain)
+                else:
+                    self._receive_sliced(plain)
+                if self.port.ticks is not None and len(data) < _BIG_READ_BYTES:
+                    self._coalescing = True
+                    self.port.ticks.defer(self)
+                    self._update_reading()
+        if self._tls is not None and self._tls.peer_closed:
+            self.eof_received()
+            self.transport.close()
 
-        On the fast path the consumer runs inside ``data_received``, with all that one read
-        brought; otherwise (websockets' path, or after the splitter handed back) one message at a
-        time from ``recv()``. What the consumer raises is raised here, and so is
-        ``ConnectionClosed`` once every message before the end was consumed.
-        """
-        self._live = True
-        while True:
-            if self._ready:
-                ready, self._ready, self._ready_bytes = self._ready, [], 0
-                self._resume()
-                end = self._call(consumer, ready)
-                if end is not None:
-                    return end
-            elif self._deferred and not self._queued():
-                raise self._close_exc()
-            elif self._frames is not None:
-                self._outcome = self.loop.create_future()
-                self._consumer = consumer
-                try:
-                    outcome = await self._outcome
-                finally:
-                    self._consumer = self._outcome = None
-                if outcome is not _HANDED_BACK:
-                    return outcome  # type: ignore[no-any-return]
-            else:
-                message = await self._recv_unless_closing()
-                if message is not None:
-                    end = self._call(consumer, [message])
-                    if end is not None:
-                        return end
+    def eof_received(self) -> bool | None:
+        if self.phase is Phase.WEBSOCKET:
+            self._drain_backlog()
+            self.release()  # the client is gone: the protocol reports what is incomplete
+            assert self.protocol is not None
+            self.protocol.receive_eof()
+            self._send_protocol_data()
+            self._wake()
+        elif self.phase is Phase.HTTP and self._http is not None:
+            self._http.receive_eof()
+        return None  # the transport closes
 
-    async def _recv_unless_closing(self) -> Data | None:
-        """websockets' ``recv()``, or None once something it sent was deferred."""
-        if self._closing is None:
-            self._closing = self.loop.create_future()
-        if self._closing.done():
-            return None
-        recv = self.loop.create_task(self.recv())
-        waits: set[asyncio.Future[Any]] = {recv, self._closing}
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not recv.done():
-                recv.cancel()  # recv() is cancellation-safe: a message it had is not lost
-        if recv.done() and not recv.cancelled():
-            return recv.result()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
-            await recv
-        return None
-
-    def _queued(self) -> bool:
-        """Messages websockets parsed that ``recv()`` has not handed out yet."""
-        frames = getattr(self.recv_messages, "frames", None)
-        return bool(frames is not None and len(frames))
-
-    def _close_exc(self) -> ConnectionClosed:
-        """The ``ConnectionClosed`` websockets will raise, built before the connection is closed."""
-        rcvd, sent = self.protocol.close_rcvd, self.protocol.close_sent
-        ok = (
-            rcvd is not None
-            and sent is not None
-            and rcvd.code in OK_CLOSE_CODES
-            and sent.code in OK_CLOSE_CODES
-        )
-        kind = ConnectionClosedOK if ok else ConnectionClosedError
-        return kind(rcvd, sent, self.protocol.close_rcvd_then_sent)
-
-    def release(self) -> None:
-        """Files finished (or the client gone): what websockets sent meanwhile goes out,
-        websockets gets every byte held, and reads on."""
+    def connection_lost(self, exc: Exception | None) -> None:
         self._drain_backlog()
-        self._live = False
-        deferred, self._deferred = self._deferred, []
-        if deferred and not self.transport.is_closing():
-            self._write(deferred)
-        self._resume()
-        if self._frames is not None:
-            held, self._held = self._frames.buffered + self._held, bytearray()
-            self._hand_back(bytes(held))
+        self.phase = Phase.CLOSED
+        self._disarm()
+        if self._ping is not None:
+            self._ping.cancel()
+        if self.protocol is not None and self.protocol.state is not State.CLOSED:
+            self.protocol.receive_eof()
+            self.protocol.data_to_send()
+        if self._route_task is not None:
+            self._route_task.cancel()
+        self._frames = None
+        self._http = None
+        self.handshake_over()
+        self.port.gate.closed()
+        self.port.connections.discard(self)
+        if not self._closed.done():
+            self._closed.set_result(None)
+        self._wake()
+
+    # Timers
+
+    def _arm(self, delay_s: float, callback: Callable[[], None]) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(delay_s, callback)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _handshake_expired(self) -> None:
+        """No complete TLS handshake and request in time (or a keep-alive left idle)."""
+        self._timer = None
+        if self.phase is Phase.TLS:
+            self.port.gate.tls_failed(self.peer_ip, TimeoutError())
+        if self.phase in (Phase.TLS, Phase.HTTP):
+            self.transport.abort()
 
     def handshake_over(self) -> None:
         """The handshake is done (or failed): no longer counted as pending by the gate."""
         if self.pending_handshake is not None:
             self.pending_handshake.release()
+            self.pending_handshake = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        peer = transport.get_extra_info("peername")
-        self.peer_ip = str(peer[0]) if peer else "unknown"
-        super().connection_made(transport)
+    # Writing
 
-    def send_data(self) -> None:
-        """As websockets' (with our write-buffer check), but while the stream is live a close
-        websockets sends by itself waits for ``release()``."""
-        if self._live and self.protocol.state is not State.OPEN:
-            self._deferred.extend(self.protocol.data_to_send())
-            if self._deferred:
-                if asyncio.current_task() is getattr(self, "keepalive_task", None):
-                    self.keepalive_expired = True
-                if self._closing is None:
-                    self._closing = self.loop.create_future()
-                if not self._closing.done():
-                    self._closing.set_result(None)
-                self._wake()
+    def _write(self, data: bytes) -> None:
+        if self.transport.is_closing():
             return
-        handshake_exc = self.protocol.handshake_exc
-        if (
-            self.request is None
-            and isinstance(handshake_exc, InvalidMessage)
-            and not isinstance(handshake_exc.__cause__, EOFError)
-            and not self._answered_bad_request
-        ):
-            # websockets could not parse the request and would just hang up: answer 400.
-            self._answered_bad_request = True
-            self.gate.bad_request(self.peer_ip, reason="unparsable", detail=str(handshake_exc))
-            self.transport.write(_BAD_REQUEST)
-        self._write(self.protocol.data_to_send())
+        if self._tls is not None:
+            data = self._tls.encrypt(data)
+        self.transport.write(data)
+        self._check_write_buffer()
 
-    def _write(self, chunks: Iterable[bytes]) -> None:
-        for data in chunks:
-            if data:
-                self.transport.write(data)
-            elif self.transport.can_write_eof():
-                with contextlib.suppress(Exception):  # uvloop may raise RuntimeError
-                    self.transport.write_eof()
-            else:
-                self.transport.close()
+    def _flush_tls(self) -> None:
+        assert self._tls is not None
+        out = self._tls.outgoing()
+        if out and not self.transport.is_closing():
+            self.transport.write(out)
+            self._check_write_buffer()
+
+    def _check_write_buffer(self) -> None:
         buffered = self.transport.get_write_buffer_size()
-        if buffered > self.gate.max_write_buffer_bytes and not self.write_overflow:
+        if buffered > self.port.gate.max_write_buffer_bytes and not self.write_overflow:
             # A client that sends (pings) and never reads would have us buffer without end.
             self.write_overflow = True
-            self.gate.write_overflow(self.peer_ip, buffered_bytes=buffered)
+            self.port.gate.write_overflow(self.peer_ip, buffered_bytes=buffered)
+            self.transport.abort()
+            self._wake()
+
+    def _send_eof(self) -> None:
+        """Our side is done: TLS close_notify, then the TCP FIN; the client has the close
+        timeout to close its side."""
+        if self._eof_sent or self.transport.is_closing():
+            return
+        self._eof_sent = True
+        if self._tls is not None:
+            self.transport.write(self._tls.close_notify())
+        if self.transport.can_write_eof():
+            try:
+                self.transport.write_eof()
+            except (OSError, RuntimeError):
+                self.transport.close()
+        else:
+            self.transport.close()
+        self._arm(self.port.close_timeout_s, self._close_expired)
+
+    def _close_expired(self) -> None:
+        self._timer = None
+        if self.phase is not Phase.CLOSED:
+            self.close_timed_out = True
             self.transport.abort()
 
-    def data_received(self, data: bytes) -> None:
-        if self._backlog is not None:
-            self._backlog += data  # came while the loop is yielded: it waits its turn
-        elif len(data) <= _SLICE_BYTES:
-            self._receive(data)
+    # Reading control
+
+    def _update_reading(self) -> None:
+        want = not (
+            self._coalescing
+            or self._backlog is not None
+            or self._ready_bytes > _PAUSE_AT_BYTES
+            or (self._ended and self._live)
+            or self._route_task is not None
+        )
+        if want is self._reading or self.transport.is_closing():
+            return
+        self._reading = want
+        if want:
+            self.transport.resume_reading()
         else:
-            self._receive_sliced(data)
+            self.transport.pause_reading()
+
+    def tick(self) -> None:
+        """The read interval is over: read again."""
+        self._coalescing = False
+        if self.phase is not Phase.CLOSED:
+            self._update_reading()
+
+    # HTTP
+
+    def _serve_http(self) -> None:
+        while self.phase is Phase.HTTP and self._route_task is None and self._http is not None:
+            item = self._http.next()
+            if item is None:
+                return
+            if isinstance(item, Malformed):
+                self._refuse_malformed(item)
+                return
+            self._route(item)
+
+    def _refuse_malformed(self, malformed: Malformed) -> None:
+        reason = "too_large" if malformed.status in (413, 431) else "unparsable"
+        self.port.gate.bad_request(self.peer_ip, reason=reason, detail=malformed.detail)
+        text = "request too large\n" if reason == "too_large" else "bad request\n"
+        self._write(serialize_closing(HttpResponse.text(malformed.status, text)))
+        self._close_http()
+
+    def _route(self, request: HttpRequest) -> None:
+        route = self.port.routes.get(request.path)
+        if route is not None:
+            if request.method not in route.methods:
+                allow = ", ".join(sorted(route.methods))
+                self._respond(
+                    HttpResponse.text(405, "method not allowed\n", headers=(("Allow", allow),))
+                )
+                return
+            self._route_task = self.loop.create_task(self._run_route(route, request))
+            self._update_reading()
+            return
+        refusal = self.port.admit(request)
+        if refusal is not None:
+            self._respond(refusal)
+            return
+        if request.method != "GET":
+            self.port.gate.bad_request(self.peer_ip, reason="method", detail=request.method)
+            self._respond(HttpResponse.text(405, "GET only\n", headers=(("Allow", "GET"),)))
+            return
+        self._upgrade(request)
+
+    async def _run_route(self, route: Route, request: HttpRequest) -> None:
+        try:
+            response = await route.handler(request)
+        except Exception:
+            logger.exception("route %s failed", request.path)
+            response = HttpResponse.text(500, "internal error\n", close=True)
+        finally:
+            self._route_task = None
+        if self.phase is not Phase.HTTP:
+            return
+        self._respond(response)
+        if self.phase is Phase.HTTP:
+            self._update_reading()
+            self._serve_http()
+
+    def _respond(self, response: HttpResponse) -> None:
+        assert self._http is not None
+        self._write(self._http.respond(response))
+        if self._http.must_close:
+            self._close_http()
+        else:  # keep-alive: the next request has the handshake timeout to come whole
+            self._arm(self.port.handshake_timeout_s, self._handshake_expired)
+
+    def _close_http(self) -> None:
+        self._http = None
+        self._send_eof()
+
+    def _upgrade(self, request: HttpRequest) -> None:
+        """websockets validates the upgrade and builds the 101; then the frames begin."""
+        port = self.port
+        assert self._http is not None
+        handshake = ServerProtocol(max_size=port.max_message_bytes, logger=port.ws_logger)
+        response = handshake.accept(Request(request.target, Headers(request.headers)))
+        if response.status_code != 101:
+            reason = "invalid_handshake" if response.status_code == 400 else "not_websocket"
+            detail = str(handshake.handshake_exc)
+            port.gate.bad_request(self.peer_ip, reason=reason, detail=detail)
+            self._write(response.serialize())
+            self._close_http()
+            return
+        response.headers["Server"] = SERVER_NAME
+        rest = self._http.trailing
+        self._http = None
+        self._write(response.serialize())
+        self._disarm()
+        self.request = request
+        self.phase = Phase.WEBSOCKET
+        self.protocol = ServerProtocol(
+            state=State.OPEN, max_size=port.max_message_bytes, logger=port.ws_logger
+        )
+        self._frames = TextFrames(max_size=port.max_message_bytes)
+        self._live = True
+        self.handshake_over()
+        self._ping = self.loop.call_later(port.ping_interval_s, self._send_ping)
+        port.on_open(self)
+        if rest:
+            self._receive(rest)
+
+    # WebSocket: reading
 
     def _receive_sliced(self, data: bytes) -> None:
         """``data`` a slice at a time; past the budget, the rest waits for the next round."""
@@ -269,8 +515,7 @@ class StreamConnection(ServerConnection):
         for offset in range(0, len(data), _SLICE_BYTES):
             if offset and time.perf_counter() - started > _TICK_BUDGET_S:
                 self._backlog = bytearray(view[offset:])
-                if not self._reading_paused:
-                    self.transport.pause_reading()
+                self._update_reading()
                 self.loop.call_soon(self._continue)
                 return
             self._receive(bytes(view[offset : offset + _SLICE_BYTES]))
@@ -281,8 +526,8 @@ class StreamConnection(ServerConnection):
         if backlog is None:
             return  # drained already (the connection ended)
         self._receive_sliced(bytes(backlog))
-        if self._backlog is None and not self._reading_paused and not self._queue_paused():
-            self.transport.resume_reading()
+        if self._backlog is None and self.phase is not Phase.CLOSED:
+            self._update_reading()
 
     def _drain_backlog(self) -> None:
         """The connection ends: what waits of a read is handed on at once, never lost."""
@@ -290,44 +535,63 @@ class StreamConnection(ServerConnection):
         if backlog:
             self._receive(bytes(backlog))
 
-    def _queue_paused(self) -> bool:
-        """websockets' own message queue paused reading (on its path)."""
-        return self._frames is None and bool(getattr(self.recv_messages, "paused", False))
-
     def _receive(self, data: bytes) -> None:
+        if self._ended and self._live:
+            self._held += data
+            self._update_reading()
+            return
         frames = self._frames
         if frames is None:
-            super().data_received(data)
-            return
-        if self._ended:
-            self._hold(data)
+            self._feed_protocol(data)
             return
         split = frames.feed(data)
         for frame in split.control:
-            super().data_received(frame)
+            self._feed_protocol(frame)
         if split.messages:
             self._deliver(split.messages, len(data))
         if split.handback is not None:
-            if self._ended:
-                self._hold(split.handback)
-            else:
-                self._hand_back(split.handback)
+            self._frames = None
+            if split.handback:
+                self._receive(split.handback)
 
-    def eof_received(self) -> None:
-        self._drain_backlog()
-        self.release()  # the client is gone: websockets reports what is incomplete
-        super().eof_received()
+    def _feed_protocol(self, data: bytes) -> None:
+        protocol = self.protocol
+        assert protocol is not None
+        if protocol.state is State.CLOSED:
+            return
+        protocol.receive_data(data)
+        for frame in protocol.events_received():
+            assert isinstance(frame, Frame)  # the request went to h11: only frames come
+            opcode = frame.opcode
+            if opcode is Opcode.PONG:
+                self._pong(bytes(frame.data))
+            elif opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
+                self._assemble(frame)
+        self._send_protocol_data()
+        if protocol.state is not State.OPEN:
+            self._wake()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._drain_backlog()
-        self.handshake_over()
-        self.gate.closed()
-        self._frames = None
-        super().connection_lost(exc)
-        self._wake()
+    def _assemble(self, frame: Frame) -> None:
+        """A message from frames the splitter left to websockets (fragmented, binary)."""
+        self._fragments.append(frame)
+        if not frame.fin:
+            return  # websockets bounds the message's size as its fragments come
+        fragments, self._fragments = self._fragments, []
+        payload = b"".join(bytes(f.data) for f in fragments)
+        message: Data = payload
+        if fragments[0].opcode is Opcode.TEXT:
+            try:
+                message = payload.decode()
+            except UnicodeDecodeError as exc:
+                assert self.protocol is not None
+                self.protocol.fail(1007, f"{exc.reason} at position {exc.start}")
+                return
+        self._deliver([message], len(payload))
 
-    def _deliver(self, messages: list[str], size: int) -> None:
+    def _deliver(self, messages: Sequence[Data], size: int) -> None:
         """To the consumer now if it waits, else kept in order for ``consume``."""
+        if not self._live or self._ended:
+            return  # after the stream's end: nothing reads them
         consumer, outcome = self._consumer, self._outcome
         if consumer is not None and outcome is not None and not outcome.done():
             try:
@@ -340,8 +604,7 @@ class StreamConnection(ServerConnection):
             return
         self._ready.extend(messages)
         self._ready_bytes += size
-        if self._ready_bytes > _PAUSE_AT_BYTES:
-            self._pause()
+        self._update_reading()
 
     def _call(self, consumer: Consumer[T], messages: Sequence[Data]) -> T | None:
         try:
@@ -353,28 +616,153 @@ class StreamConnection(ServerConnection):
             self._ended = True
         return end
 
-    def _hold(self, data: bytes) -> None:
-        self._held += data
-        self._pause()
+    # WebSocket: what the protocol sends
 
-    def _pause(self) -> None:
-        if not self._reading_paused:
-            self._reading_paused = True
-            if self._backlog is None:  # else paused already, for the loop's next round
-                self.transport.pause_reading()
+    def _send_protocol_data(self) -> None:
+        assert self.protocol is not None
+        data = self.protocol.data_to_send()
+        if not data:
+            return
+        if self._live and self.protocol.state is not State.OPEN:
+            self._deferred.extend(data)  # a close: after the files are finished
+            return
+        self._write_frames(data)
 
-    def _resume(self) -> None:
-        if self._reading_paused:
-            self._reading_paused = False
-            if self._backlog is None:  # else _continue resumes once the read is handed on
-                self.transport.resume_reading()
+    def _write_frames(self, chunks: Iterable[bytes]) -> None:
+        for data in chunks:
+            if data:
+                self._write(data)
+            else:
+                self._send_eof()
+        protocol = self.protocol
+        if protocol is not None and protocol.close_sent is not None and self._timer is None:
+            self._arm(self.port.close_timeout_s, self._close_expired)
 
-    def _hand_back(self, data: bytes) -> None:
-        """websockets parses everything from ``data`` on; ``consume`` goes on with it."""
-        self._frames = None
-        if data:
-            super().data_received(data)
+    def _send_ping(self) -> None:
+        self._ping = None
+        protocol = self.protocol
+        if protocol is None or protocol.state is not State.OPEN:
+            return
+        self._ping_payload = os.urandom(4)
+        protocol.send_ping(self._ping_payload)
+        self._send_protocol_data()
+        self._ping = self.loop.call_later(self.port.ping_timeout_s, self._ping_expired)
+
+    def _pong(self, payload: bytes) -> None:
+        if self._ping_payload is not None and bytes(payload) == self._ping_payload:
+            self._ping_payload = None
+            if self._ping is not None:
+                self._ping.cancel()
+            self._ping = self.loop.call_later(self.port.ping_interval_s, self._send_ping)
+
+    def _ping_expired(self) -> None:
+        self._ping = None
+        protocol = self.protocol
+        if protocol is None or protocol.state is not State.OPEN:
+            return
+        self.keepalive_expired = True
+        protocol.fail(1011, "keepalive ping timeout")
+        self._send_protocol_data()
         self._wake()
+
+    # The handler's side
+
+    async def consume(self, consumer: Consumer[T]) -> T:
+        """Give every message, in order, to ``consumer`` until it returns something; return that.
+
+        The consumer runs inside ``data_received``, with all that one read brought (or here,
+        with what came before it waited). What it raises is raised here, and so is
+        ``ConnectionClosed`` once every message before the end was consumed.
+        """
+        while True:
+            if self._ready:
+                ready, self._ready, self._ready_bytes = self._ready, [], 0
+                self._update_reading()
+                end = self._call(consumer, ready)
+                if end is not None:
+                    return end
+            elif self._is_closing():
+                raise self._close_exc()
+            else:
+                self._outcome = self.loop.create_future()
+                self._consumer = consumer
+                try:
+                    outcome = await self._outcome
+                finally:
+                    self._consumer = self._outcome = None
+                if outcome is not _HANDED_BACK:
+                    return outcome  # type: ignore[no-any-return]
+
+    def _is_closing(self) -> bool:
+        protocol = self.protocol
+        return (
+            protocol is None
+            or protocol.state is not State.OPEN
+            or self.phase is Phase.CLOSED
+            or self.write_overflow
+        )
+
+    def _close_exc(self) -> ConnectionClosed:
+        """What ended the connection, as websockets would raise it."""
+        protocol = self.protocol
+        if protocol is not None and protocol.state is State.CLOSED:
+            return protocol.close_exc
+        rcvd = protocol.close_rcvd if protocol is not None else None
+        sent = protocol.close_sent if protocol is not None else None
+        then = protocol.close_rcvd_then_sent if protocol is not None else None
+        ok = (
+            rcvd is not None
+            and sent is not None
+            and rcvd.code in OK_CLOSE_CODES
+            and sent.code in OK_CLOSE_CODES
+        )
+        kind = ConnectionClosedOK if ok else ConnectionClosedError
+        return kind(rcvd, sent, then)
+
+    def release(self) -> None:
+        """Files finished (or the client gone): what the protocol sent meanwhile goes out, it
+        gets every byte held, and reading goes on."""
+        self._drain_backlog()
+        if not self._live:
+            return
+        self._live = False
+        deferred, self._deferred = self._deferred, []
+        if deferred:
+            self._write_frames(deferred)
+        held = bytearray(self._frames.buffered) if self._frames is not None else bytearray()
+        self._frames = None  # the protocol parses everything from here on
+        held += self._held
+        self._held = bytearray()
+        if held and self.protocol is not None and self.phase is not Phase.CLOSED:
+            self._feed_protocol(bytes(held))
+        if self.phase is not Phase.CLOSED:
+            self._update_reading()
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Send our close (if the connection is still open) and wait, up to the close
+        timeout, for the client's; then the connection is closed."""
+        protocol = self.protocol
+        if protocol is not None and protocol.state is State.OPEN and self.phase is Phase.WEBSOCKET:
+            protocol.send_close(code, reason)
+            self._send_protocol_data()
+        elif self.phase is not Phase.CLOSED and self._timer is None:
+            self._arm(self.port.close_timeout_s, self._close_expired)
+        await asyncio.shield(self._closed)
+
+    def going_away(self) -> None:
+        """The server shuts down: a stream gets 1001 (after its files), anything else ends."""
+        if self.phase is Phase.WEBSOCKET:
+            protocol = self.protocol
+            assert protocol is not None
+            if protocol.state is State.OPEN:
+                protocol.send_close(1001, "server shutting down")
+                self._send_protocol_data()
+                self._wake()
+        elif self.phase is not Phase.CLOSED:
+            self.transport.abort()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
 
     def _wake(self) -> None:
         if self._outcome is not None and not self._outcome.done():

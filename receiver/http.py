@@ -9,12 +9,21 @@ body already read whole and bounded by its ``max_body_bytes``, and never the soc
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
+import h11
+
 TEXT = "text/plain; charset=utf-8"
+SERVER_NAME = "receiver"
+# A request's line and headers: h11 answers 431 past this (websockets' own bounds were 8 KiB a
+# line and 128 headers).
+MAX_HEAD_BYTES = 16 * 1024
+# Keep-alive requests on one connection, then it is closed: a probe cannot hold a slot forever.
+MAX_REQUESTS_A_CONNECTION = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,3 +91,143 @@ class Route:
     handler: Handler
     methods: frozenset[str] = field(default_factory=lambda: frozenset({"GET", "HEAD"}))
     max_body_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A request h11 could not parse (or too large to take): answer ``status`` and close."""
+
+    status: int
+    detail: str
+
+
+class HttpParser:
+    """One connection's HTTP/1.1 server side, over h11, without I/O.
+
+    ``receive`` bytes, then take ``next()`` until it is None: each complete request (its body
+    read whole, up to ``body_limit(method, path)`` bytes) or a ``Malformed``. ``respond``
+    serializes an answer and readies the next request (keep-alive), up to ``max_requests``.
+    After a request that proposed a protocol switch (a WebSocket upgrade), ``trailing`` holds
+    the bytes that followed its head: what the client sent before our 101.
+    """
+
+    def __init__(
+        self,
+        *,
+        peer_ip: str,
+        tls: bool,
+        body_limit: Callable[[str, str], int],
+        max_head_bytes: int = MAX_HEAD_BYTES,
+        max_requests: int = MAX_REQUESTS_A_CONNECTION,
+    ) -> None:
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_bytes)
+        self._peer_ip = peer_ip
+        self._tls = tls
+        self._body_limit = body_limit
+        self._requests_left = max_requests
+        self._head: h11.Request | None = None
+        self._body = bytearray()
+        self._limit = 0
+        self._method = "GET"
+
+    def receive(self, data: bytes) -> None:
+        self._h11.receive_data(data)
+
+    def receive_eof(self) -> None:
+        self._h11.receive_data(b"")
+
+    @property
+    def trailing(self) -> bytes:
+        return bytes(self._h11.trailing_data[0])
+
+    def next(self) -> HttpRequest | Malformed | None:
+        """The next complete request, a ``Malformed``, or None (more bytes needed, or a
+        request waits for its answer)."""
+        while True:
+            try:
+                event = self._h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                return Malformed(exc.error_status_hint, str(exc))
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return None
+            if isinstance(event, h11.Request):
+                self._head, self._body = event, bytearray()
+                self._method = event.method.decode("ascii", "replace")
+                path = urlsplit(event.target.decode("ascii", "replace")).path
+                self._limit = self._body_limit(self._method, path)
+                declared = _content_length(event.headers)
+                if declared is not None and declared > self._limit:
+                    return Malformed(413, f"a body of {declared} bytes (limit {self._limit})")
+            elif isinstance(event, h11.Data):
+                self._body += event.data
+                if len(self._body) > self._limit:
+                    return Malformed(413, f"a body past {self._limit} bytes")
+            elif isinstance(event, h11.EndOfMessage):
+                head, self._head = self._head, None
+                assert head is not None
+                return HttpRequest(
+                    method=self._method,
+                    target=head.target.decode("ascii", "replace"),
+                    headers=tuple(
+                        (name.decode("ascii", "replace"), value.decode("latin-1"))
+                        for name, value in head.headers
+                    ),
+                    body=bytes(self._body),
+                    peer_ip=self._peer_ip,
+                    tls=self._tls,
+                )
+            elif isinstance(event, h11.ConnectionClosed):
+                return None
+
+    def respond(self, response: HttpResponse) -> bytes:
+        """``response`` as bytes on the wire; ``must_close`` tells whether to close after it."""
+        self._requests_left -= 1
+        close = response.close or self._requests_left <= 0
+        headers = [
+            ("Date", formatdate(usegmt=True)),
+            ("Server", SERVER_NAME),
+            ("Content-Type", response.content_type),
+            ("Content-Length", str(len(response.body))),
+            *response.headers,
+        ]
+        if close:
+            headers.append(("Connection", "close"))
+        try:
+            out = self._h11.send(
+                h11.Response(status_code=response.status, headers=headers, reason=response.reason)
+            )
+            if self._method != "HEAD" and response.body:
+                out = (out or b"") + (self._h11.send(h11.Data(data=response.body)) or b"")
+            out = (out or b"") + (self._h11.send(h11.EndOfMessage()) or b"")
+        except h11.LocalProtocolError:  # the request was unparsable: h11 has no exchange
+            self._requests_left = 0
+            return serialize_closing(response)
+        if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
+            self._h11.start_next_cycle()
+        return out
+
+    @property
+    def must_close(self) -> bool:
+        """The connection ends after the last answer (``Connection: close``, either side)."""
+        return self._requests_left <= 0 or self._h11.our_state in (h11.MUST_CLOSE, h11.CLOSED)
+
+
+def serialize_closing(response: HttpResponse) -> bytes:
+    """``response`` with ``Connection: close``, without an h11 exchange (a malformed request)."""
+    head = [
+        f"HTTP/1.1 {response.status} {response.reason}",
+        f"Date: {formatdate(usegmt=True)}",
+        f"Server: {SERVER_NAME}",
+        f"Content-Type: {response.content_type}",
+        f"Content-Length: {len(response.body)}",
+        *(f"{name}: {value}" for name, value in response.headers),
+        "Connection: close",
+    ]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + response.body
+
+
+def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value)  # h11 has checked it is one decimal number
+    return None

@@ -1,11 +1,10 @@
-"""Our own accept loop, standing in for the ``asyncio.Server`` that websockets' Server wraps.
+"""Our own accept loop: the gate acts at accept, before any TLS work or memory is spent.
 
-Accepting ourselves is what lets the gate act at accept, before any TLS work or memory is
-spent on a connection (the loop's own server calls the protocol only once TLS is done, and
-uvloop's stops accepting when a protocol factory raises); what lets an ``accept()`` that fails
-for lack of fds be seen (uvloop drops it silently, asyncio logs it at every retry); and what
-lets a failed TLS handshake be counted with its reason (``loop.connect_accepted_socket``
-raises it to us, where the loop's server keeps it to itself).
+Accepting ourselves is what lets a connection be refused before its protocol exists (uvloop's
+server stops accepting when a protocol factory raises), and what lets an ``accept()`` that
+fails for lack of fds be seen (uvloop drops it silently, asyncio logs it at every retry). Each
+admitted socket becomes a plain TCP transport (``loop.connect_accepted_socket``); TLS is the
+connection's own (``receiver.connection``).
 """
 
 from __future__ import annotations
@@ -13,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
-import ssl
 import struct
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from receiver.gate import ConnectionGate, PendingHandshake
 
@@ -52,8 +49,7 @@ def bind(host: str, port: int) -> list[socket.socket]:
 
 
 class Listener:
-    """Accepts connections on ``sockets``; each admitted one goes to ``protocol_factory``
-    through ``loop.connect_accepted_socket`` (TLS with ``tls_context`` when set)."""
+    """Accepts connections on ``sockets``; each admitted one goes to ``protocol_factory``."""
 
     def __init__(
         self,
@@ -61,33 +57,19 @@ class Listener:
         *,
         gate: ConnectionGate,
         protocol_factory: Callable[[PendingHandshake], asyncio.Protocol],
-        tls_context: ssl.SSLContext | None,
-        tls_handshake_timeout_s: float,
-        tls_shutdown_timeout_s: float,
     ) -> None:
         self._sockets = list(sockets)
         self._gate = gate
         self._factory = protocol_factory
-        self._tls = tls_context
-        self._tls_handshake_timeout_s = tls_handshake_timeout_s
-        self._tls_shutdown_timeout_s = tls_shutdown_timeout_s
         self._loop = asyncio.get_running_loop()
         self._serving = False
         self._retry: asyncio.TimerHandle | None = None
         self._connecting: set[asyncio.Task[None]] = set()
         self._closed = self._loop.create_future()
 
-    # What websockets' Server uses of an asyncio.Server.
-
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
         return tuple(self._sockets)
-
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
-
-    def is_serving(self) -> bool:
-        return self._serving
 
     def start_serving(self) -> None:
         """Start accepting."""
@@ -96,7 +78,7 @@ class Listener:
             self._loop.add_reader(sock.fileno(), self._accept, sock)
 
     def close(self) -> None:
-        """Stop accepting; close the listening sockets; end TLS handshakes in progress."""
+        """Stop accepting; close the listening sockets."""
         if not self._serving and self._closed.done():
             return
         self._pause()
@@ -144,27 +126,14 @@ class Listener:
                 conn.close()
                 continue
             conn.setblocking(False)
-            task = self._loop.create_task(self._connect(conn, ip, handshake))
+            task = self._loop.create_task(self._connect(conn, handshake))
             self._connecting.add(task)
             task.add_done_callback(self._connecting.discard)
 
-    async def _connect(self, conn: socket.socket, ip: str, handshake: PendingHandshake) -> None:
-        kwargs: dict[str, Any] = {}
-        if self._tls is not None:
-            kwargs = {
-                "ssl": self._tls,
-                "ssl_handshake_timeout": self._tls_handshake_timeout_s,
-                "ssl_shutdown_timeout": self._tls_shutdown_timeout_s,
-            }
+    async def _connect(self, conn: socket.socket, handshake: PendingHandshake) -> None:
         try:
-            await self._loop.connect_accepted_socket(
-                lambda: self._factory(handshake), conn, **kwargs
-            )
-        except asyncio.CancelledError:
+            await self._loop.connect_accepted_socket(lambda: self._factory(handshake), conn)
+        except (asyncio.CancelledError, OSError):  # closing, or the client already gone
             handshake.release()
             self._gate.closed()
-            raise
-        except Exception as exc:  # noqa: BLE001 - every way a TLS handshake fails is counted
-            handshake.release()
-            self._gate.closed()
-            self._gate.tls_failed(ip, exc)
+            conn.close()

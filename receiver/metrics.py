@@ -28,7 +28,6 @@ class Count(StrEnum):
     """Everything the receiver counts; each is exported as ``receiver_<name>_total``."""
 
     STREAMS = "streams"
-    STREAMS_FAST_PATH = "streams_fast_path"
     STREAMS_ENDED = "streams_ended"
     HANDSHAKE_REJECTIONS = "handshake_rejections"
     PROTOCOL_ERRORS = "protocol_errors"
@@ -58,7 +57,6 @@ class CounterSpec:
 
 COUNTERS: dict[Count, CounterSpec] = {
     Count.STREAMS: CounterSpec(None, "Streams started."),
-    Count.STREAMS_FAST_PATH: CounterSpec(None, "Streams whose frames the receiver split itself."),
     Count.STREAMS_ENDED: CounterSpec("end", "Streams that ended, by how they ended."),
     Count.HANDSHAKE_REJECTIONS: CounterSpec(
         "reason", "Handshakes refused before the upgrade (auth: no or wrong bearer token)."

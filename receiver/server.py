@@ -8,7 +8,6 @@ closed however it ends: stop, client close, protocol error, timeout or shutdown.
 from __future__ import annotations
 
 import asyncio
-import asyncio.sslproto
 import contextlib
 import logging
 import ssl
@@ -16,23 +15,22 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, assert_never, cast
+from typing import Any, assert_never
 from urllib.parse import urlsplit
 
 from prometheus_client import start_wsgi_server
-from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
-from websockets.server import ServerProtocol
 
 from receiver.auth import (
+    HEALTH_PATH,
+    METRICS_PATH,
     TokenChecker,
-    count_refusals,
-    make_gate,
-    peer_ip,
-    redact_websockets_logs,
+    health_route,
+    metrics_route,
+    stream_gate,
 )
 from receiver.codecs import codec_for
-from receiver.connection import StreamConnection
+from receiver.connection import Connection, ReadTicks, StreamPort
 from receiver.events import Connected, Dtmf, Mark, Media, Start, Stop, UnknownEvent
 from receiver.exceptions import (
     CLOSE_GOING_AWAY,
@@ -46,6 +44,7 @@ from receiver.exceptions import (
 )
 from receiver.gate import ConnectionGate, MemoryTrimmer, PendingHandshake
 from receiver.health import HealthCheck
+from receiver.http import Route
 from receiver.listener import Listener, bind
 from receiver.logs import QuietInfo, StreamLogger
 from receiver.metrics import Count, Counters, LiveTracks, ReceiverMetrics
@@ -57,11 +56,6 @@ from receiver.sinks.base import Lifecycle, StreamEnd
 from receiver.text import shorten
 
 logger = logging.getLogger("receiver.server")
-
-# asyncio's TLS layer gives every connection a zero-filled read buffer of max_size (256 KiB in
-# CPython 3.11-3.13), all of it resident, and asks OpenSSL for that much on every read. A TLS
-# record is at most 16 KiB: 32 KiB loses nothing and saves ~220 KiB a stream (bench/README.md).
-_TLS_READ_BUFFER_BYTES = 32 * 1024
 
 # Endings where the server sends the close (after finishing the files).
 _WE_CLOSE = frozenset({"protocol-error", "error", "idle-timeout", "max-duration"})
@@ -92,8 +86,10 @@ class Receiver:
         self.per_ip: Counter[str] = Counter()
         self.draining = False
         self._check_token = TokenChecker(settings.token_values)
-        redact_websockets_logs()
-        self._server: Server | None = None
+        self._listener: Listener | None = None
+        self._port: StreamPort | None = None
+        # Plain HTTP routes of the stream port besides /healthz and /metrics (by path).
+        self.routes: dict[str, Route] = {}
         self._metrics_server: Any = None
         self._handlers: set[asyncio.Task[Any]] = set()
         self._streams: set[StreamHandler] = set()
@@ -132,8 +128,8 @@ class Receiver:
     @property
     def port(self) -> int:
         """The bound port (useful with port 0)."""
-        assert self._server is not None, "not started"
-        return int(self._server.sockets[0].getsockname()[1])
+        assert self._listener is not None, "not started"
+        return int(self._listener.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
         """Start the sinks' per-process resources, bind and start accepting streams."""
@@ -143,18 +139,6 @@ class Receiver:
             if isinstance(factory, Lifecycle) and factory not in self._started:
                 await factory.start(s, registry=self.metrics.registry)
                 self._started.append(factory)
-        if self.ssl_context is not None and hasattr(asyncio.sslproto.SSLProtocol, "max_size"):
-            asyncio.sslproto.SSLProtocol.max_size = _TLS_READ_BUFFER_BYTES
-        gate = make_gate(
-            check_token=self._check_token,
-            is_draining=lambda: self.draining,
-            health=self.health.problem,
-            connection_gate=self.gate,
-            at_capacity=lambda: self.active_streams >= s.max_streams,
-            ip_at_capacity=lambda ip: self.per_ip[ip] >= s.max_connections_per_ip,
-            on_reject=lambda why: self.counters.add(Count.HANDSHAKE_REJECTIONS, why),
-            metrics=self.metrics.render if s.metrics_port is None else None,
-        )
         if s.metrics_port is not None:
             try:
                 self._metrics_server, _ = start_wsgi_server(
@@ -165,13 +149,8 @@ class Receiver:
                 raise ListenError(
                     role="metrics", host=s.metrics_host, port=s.metrics_port, problem=problem
                 ) from None
-
-        class Connection(StreamConnection):
-            max_message_bytes = s.max_message_bytes
-            gate = self.gate
-
         try:
-            self._server = await self._serve(Connection, gate)
+            self._listener = self._listen()
         except OSError as exc:
             self._stop_metrics_server()
             problem = exc.strerror or str(exc)
@@ -180,58 +159,50 @@ class Receiver:
         trimmer = MemoryTrimmer(self.counters, executor=self._housekeeping)
         self._trimmer = asyncio.create_task(trimmer.run())
 
-    async def _serve(self, connection: type[StreamConnection], gate: Any) -> Server:
-        """websockets' Server over our own accept loop (``receiver.listener``)."""
+    def _listen(self) -> Listener:
+        """Bind the stream port; every admitted connection is a ``receiver.connection``."""
         s = self.settings
-        quiet = QuietInfo(logging.getLogger("websockets.server"))
-        server = serve(
-            self._handle,
-            process_request=gate,
-            process_response=count_refusals(self.gate),
-            max_size=s.max_message_bytes,
-            compression=None,
-            open_timeout=s.handshake_timeout_s,
-            ping_interval=s.ping_interval_s,
-            ping_timeout=s.ping_timeout_s,
-            close_timeout=s.close_timeout_s,
-            server_header="receiver",
-            logger=quiet,
-            create_connection=connection,
-        )
-
-        def make_connection(handshake: PendingHandshake) -> StreamConnection:
-            # What websockets' own protocol factory builds (websockets/asyncio/server.py).
-            protocol = ServerProtocol(max_size=s.max_message_bytes, logger=quiet)
-            made = connection(
-                protocol,
-                server,
-                ping_interval=s.ping_interval_s,
-                ping_timeout=s.ping_timeout_s,
-                close_timeout=s.close_timeout_s,
-            )
-            made.pending_handshake = handshake
-            return made
-
-        listener = Listener(
-            bind(s.host, s.port),
+        routes = {
+            HEALTH_PATH: health_route(is_draining=lambda: self.draining, health=self.health.problem)
+        }
+        if s.metrics_port is None:
+            routes[METRICS_PATH] = metrics_route(self.metrics.render)
+        routes.update(self.routes)
+        interval_s = s.read_interval_ms / 1000
+        port = StreamPort(
             gate=self.gate,
-            protocol_factory=make_connection,
+            admit=stream_gate(
+                check_token=self._check_token,
+                is_draining=lambda: self.draining,
+                connection_gate=self.gate,
+                at_capacity=lambda: self.active_streams >= s.max_streams,
+                ip_at_capacity=lambda ip: self.per_ip[ip] >= s.max_connections_per_ip,
+                on_reject=lambda why: self.counters.add(Count.HANDSHAKE_REJECTIONS, why),
+            ),
+            on_open=self._open,
             tls_context=self.ssl_context,
-            tls_handshake_timeout_s=s.handshake_timeout_s,
-            tls_shutdown_timeout_s=s.close_timeout_s,
+            max_message_bytes=s.max_message_bytes,
+            handshake_timeout_s=s.handshake_timeout_s,
+            close_timeout_s=s.close_timeout_s,
+            ping_interval_s=s.ping_interval_s,
+            ping_timeout_s=s.ping_timeout_s,
+            routes=routes,
+            ws_logger=QuietInfo(logging.getLogger("websockets.server")),
+            ticks=ReadTicks(asyncio.get_running_loop(), interval_s) if interval_s else None,
         )
 
-        async def create_server() -> asyncio.Server:
-            listener.start_serving()
-            return cast(asyncio.Server, listener)
+        def make_connection(handshake: PendingHandshake) -> Connection:
+            return Connection(port, handshake)
 
-        server.create_server = create_server
-        return await server
+        listener = Listener(bind(s.host, s.port), gate=self.gate, protocol_factory=make_connection)
+        listener.start_serving()
+        self._port = port
+        return listener
 
     async def shutdown(self, *, drain_timeout_s: float | None = None) -> None:
         """Stop taking streams, let current ones end for ``drain_timeout_s``, then close the rest
         with 1001 (going away) and finish every file; then stop the sinks' resources."""
-        if self._server is None:
+        if self._listener is None or self._port is None:
             await self._stop_resources()
             return
         self.draining = True
@@ -244,9 +215,7 @@ class Receiver:
                     while self._handlers and not cut.done():
                         await asyncio.wait({*self._handlers, cut}, return_when="FIRST_COMPLETED")
             cut.cancel()
-        self._server.close(close_connections=True)
-        await self._server.wait_closed()
-        self._server = None
+        await self._close_connections()
         if self._trimmer is not None:
             self._trimmer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -255,6 +224,26 @@ class Receiver:
         self._housekeeping.shutdown(wait=False)
         await self._stop_resources()
         self._stop_metrics_server()
+
+    async def _close_connections(self) -> None:
+        """Stop accepting; every stream gets 1001 once its files are finished; wait for the
+        handlers, then for the close handshakes (each bounded by the close timeout)."""
+        assert self._listener is not None and self._port is not None
+        listener, port = self._listener, self._port
+        listener.close()
+        await listener.wait_closed()
+        for connection in list(port.connections):
+            connection.going_away()
+        if self._handlers:
+            await asyncio.wait(set(self._handlers))
+        closing = [asyncio.ensure_future(c.wait_closed()) for c in list(port.connections)]
+        if closing:
+            _, late = await asyncio.wait(closing, timeout=self.settings.close_timeout_s + 1)
+            for connection in list(port.connections):
+                connection.transport.abort()
+            if late:
+                await asyncio.wait(late, timeout=1)
+        self._listener = self._port = None
 
     def _stop_metrics_server(self) -> None:
         if self._metrics_server is not None:
@@ -293,13 +282,14 @@ class Receiver:
         """Cut a running drain short: close the remaining streams with 1001 now."""
         self._cut_drain.set()
 
-    async def _handle(self, ws: ServerConnection) -> None:
-        assert isinstance(ws, StreamConnection)
-        task = asyncio.current_task()
-        assert task is not None
+    def _open(self, ws: Connection) -> None:
+        """A stream's WebSocket is open: its handler runs as a task of its own."""
+        task = asyncio.get_running_loop().create_task(self._handle(ws))
         self._handlers.add(task)
-        ws.handshake_over()
-        ip = peer_ip(ws)
+        task.add_done_callback(self._handlers.discard)
+
+    async def _handle(self, ws: Connection) -> None:
+        ip = ws.peer_ip
         self.per_ip[ip] += 1
         stream = StreamHandler(self, ws)
         self._streams.add(stream)
@@ -308,6 +298,7 @@ class Receiver:
         def finished() -> None:
             """Files finished: the stream no longer counts against the limits, even while its
             close handshake (bounded by the close timeout) goes on."""
+            self._streams.discard(stream)  # its figures are the finished ones from now on
             if stream in self._active:
                 self._active.discard(stream)
                 self.per_ip[ip] -= 1
@@ -319,8 +310,6 @@ class Receiver:
             await stream.run()
         finally:
             finished()
-            self._streams.discard(stream)
-            self._handlers.discard(task)
 
 
 class Watchdog:
@@ -369,7 +358,7 @@ class Watchdog:
 class StreamHandler:
     """One connection's life: read messages until the stream ends, always closing the sinks."""
 
-    def __init__(self, receiver: Receiver, ws: StreamConnection) -> None:
+    def __init__(self, receiver: Receiver, ws: Connection) -> None:
         self.receiver = receiver
         self.settings = receiver.settings
         self.counters = receiver.counters
@@ -423,16 +412,16 @@ class StreamHandler:
                 self.ws.release()  # what the client sent after the end: its close, typically
         if end.kind in _WE_CLOSE and end.close_code is not None:
             await self.ws.close(end.close_code, end.reason or "")
-            if isinstance(self.ws.connection_exc, TimeoutError):
-                self.counters.add(Count.CLOSE_TIMEOUTS)
-                self.log.info(
-                    "no close frame back within %g s: connection cut", self.settings.close_timeout_s
-                )
+        else:  # the stream is over: 1000 if the client has not closed yet
+            await self.ws.close()
+        if self.ws.close_timed_out:
+            self.counters.add(Count.CLOSE_TIMEOUTS)
+            self.log.info(
+                "no close frame back within %g s: connection cut", self.settings.close_timeout_s
+            )
 
     async def _read(self) -> StreamEnd:
         watchdog = Watchdog(self, asyncio.get_running_loop())
-        if self.ws.take_over():
-            self.counters.add(Count.STREAMS_FAST_PATH)
         try:
             return await self.ws.consume(self._on_messages)
         except ConnectionClosed as exc:
@@ -543,7 +532,7 @@ class StreamHandler:
         """Open the sinks and the session; an undecodable format still gets its record."""
         self.log = StreamLogger(logger, {"stream_sid": shorten(start.stream_sid)})
         request = self.ws.request
-        target = urlsplit(request.path if request is not None else "/")
+        target = urlsplit(request.target if request is not None else "/")
         codec, unsupported = None, None
         try:
             codec = codec_for(start.media_format, l16_byte_order=self.settings.l16_byte_order)
@@ -553,7 +542,7 @@ class StreamHandler:
             start=start,
             path=target.path,
             query=target.query,
-            remote=peer_ip(self.ws),
+            remote=self.ws.peer_ip,
             started_at=datetime.now(UTC),
             codec=codec,
             unsupported_reason=unsupported.reason if unsupported else None,

@@ -138,6 +138,10 @@ class Settings(BaseSettings):
     # Keepalive: a ping every ping_interval_s, the stream ends (1011) without a pong in time.
     ping_interval_s: float = Field(default=20.0, gt=0, le=3600)
     ping_timeout_s: float = Field(default=20.0, gt=0, le=3600)
+    # Read coalescing: after a read, a stream's connection is read again this much later, so
+    # one recv and one decrypt serve every frame that arrived meanwhile (0: read on arrival).
+    # It adds at most this much to the frame-to-disk lag.
+    read_interval_ms: int = Field(default=100, ge=0, le=1000)
     # /healthz answers 503 below this much free space in the recordings directory.
     min_free_disk_mb: int = Field(default=256, ge=0, le=1024**3)
 

@@ -328,7 +328,8 @@ def test_simulate_failures_are_one_line_with_the_right_exit_code(
 def test_simulate_realtime_keeps_time_after_the_shorter_track(served: Any, tmp_path: Path) -> None:
     """`--realtime` with a 1 s track and a 0.1 s one takes 1 s of the receiver's clock (it took
     0.55 s: pacing counted messages, two a frame, also after the short track had ended)."""
-    server = served(RECEIVER_TOKENS="t" * 20)
+    # Reads on arrival: coalesced reads would move started_at and ended_at by up to an interval.
+    server = served(RECEIVER_TOKENS="t" * 20, RECEIVER_READ_INTERVAL_MS="0")
     server.wait_listening()
     long = tone_wav(tmp_path / "long.wav", 1.0)
     short = tone_wav(tmp_path / "short.wav", 0.1)
