@@ -44,7 +44,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, ConnectionClosedOK
@@ -77,8 +77,10 @@ _SLICE_BYTES = 4096
 _TICK_BUDGET_S = 0.005
 # A read this large means the client is ahead of real time: read on, do not coalesce.
 _BIG_READ_BYTES = 64 * 1024
-# Plaintext asked of OpenSSL a call (a TLS record holds at most 16 KiB).
-_TLS_READ_BYTES = 64 * 1024
+# Decrypted records are gathered here (one buffer for every connection: the loop has one
+# thread, and each read copies its plaintext out before the next).
+_PLAINTEXT = bytearray(256 * 1024)
+_PLAINTEXT_VIEW = memoryview(_PLAINTEXT)
 # Coalesced reads are resumed in this many slots an interval, so that the connections' reads
 # stay spread over the interval instead of all coming due at one instant.
 _SLOTS_AN_INTERVAL = 8
@@ -102,27 +104,40 @@ class TlsSession:
         self.peer_closed = False  # the client's close_notify came
 
     def receive(self, data: bytes) -> bytes:
-        """Ciphertext in; the plaintext it completes (raises ``ssl.SSLError`` on bad input)."""
-        self._incoming.write(data)
+        """Ciphertext in; the plaintext it completes (raises ``ssl.SSLError`` on bad input).
+
+        Every record is read into one shared buffer and copied out once: no allocation a
+        record, and no SSLWantReadError raised when the read ends on a record's end."""
+        incoming, tls = self._incoming, self._ssl
+        incoming.write(data)
         if not self.established:
             try:
-                self._ssl.do_handshake()
+                tls.do_handshake()
             except ssl.SSLWantReadError:
                 return b""
             self.established = True
+        buffer, view = _PLAINTEXT, _PLAINTEXT_VIEW
+        size = len(buffer)
+        filled = 0
         chunks: list[bytes] = []
-        while True:
+        while incoming.pending or tls.pending():
+            if filled == size:
+                chunks.append(bytes(buffer))
+                filled = 0
             try:
-                chunk = self._ssl.read(_TLS_READ_BYTES)
+                count = cast(int, tls.read(size - filled, view[filled:]))  # into the view
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
                 self.peer_closed = True
                 break
-            if not chunk:
+            if not count:
                 break
-            chunks.append(chunk)
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            filled += count
+        if not chunks:
+            return bytes(view[:filled])
+        chunks.append(bytes(view[:filled]))
+        return b"".join(chunks)
 
     def encrypt(self, data: bytes) -> bytes:
         self._ssl.write(data)
