@@ -1,7 +1,8 @@
 """The thin asyncio shell: handshake gate, then ``message -> protocol -> session -> sinks``.
 
-All decisions about bytes live in the sans-I/O core (``protocol``, ``session``, ``codecs``);
-this module only moves messages, applies timeouts, and makes sure that every stream's sinks are
+All decisions about bytes live in the sans-I/O core (``protocol``, ``session``, ``codecs``),
+and a stream's life (its sinks, its end and close code, its summary) in ``recording``; this
+module only moves messages, applies timeouts, and makes sure that every stream's sinks are
 closed however it ends: stop, client close, protocol error, timeout or shutdown.
 """
 
@@ -14,8 +15,7 @@ import ssl
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
-from typing import Any, assert_never
+from typing import Any
 from urllib.parse import urlsplit
 
 from prometheus_client import start_wsgi_server
@@ -29,38 +29,28 @@ from receiver.auth import (
     metrics_route,
     stream_gate,
 )
-from receiver.codecs import codec_for
 from receiver.connection import Connection, ReadTicks, StreamPort
-from receiver.events import Connected, Dtmf, Mark, Media, Start, Stop, UnknownEvent
 from receiver.exceptions import (
-    CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
     CLOSE_POLICY_VIOLATION,
-    MAX_CLOSE_REASON_BYTES,
     ListenError,
-    ProtocolError,
-    RecordingFailed,
-    UnsupportedMedia,
 )
 from receiver.gate import ConnectionGate, MemoryTrimmer, PendingHandshake
 from receiver.health import HealthCheck
 from receiver.http import Route
 from receiver.listener import Listener, bind
-from receiver.logs import QuietInfo, StreamLogger
+from receiver.logs import QuietInfo
 from receiver.metrics import Count, Counters, LiveTracks, ReceiverMetrics
-from receiver.protocol import StreamProtocol
+from receiver.recording import StreamRecording
 from receiver.session import Session
 from receiver.settings import Settings
-from receiver.sinks import Fanout, SinkFactory, StreamInfo, StreamSummary, sink_factories_for
+from receiver.sinks import SinkFactory, sink_factories_for
 from receiver.sinks.base import Lifecycle, StreamEnd
-from receiver.text import shorten
 
 logger = logging.getLogger("receiver.server")
 
 # Endings where the server sends the close (after finishing the files).
 _WE_CLOSE = frozenset({"protocol-error", "error", "idle-timeout", "max-duration"})
-# Close codes websockets sends when it refuses a frame: bad framing, invalid UTF-8, too big.
-_FRAME_ERRORS = frozenset({1002, 1007, 1009})
 
 
 class Receiver:
@@ -356,34 +346,40 @@ class Watchdog:
 
 
 class StreamHandler:
-    """One connection's life: read messages until the stream ends, always closing the sinks."""
+    """One connection's life: read messages until the stream ends, always closing the sinks.
+
+    The shell around a ``StreamRecording`` (``receiver.recording``), which owns every rule of
+    the stream's life; this class moves the messages to it, applies the timeouts and sends the
+    close.
+    """
 
     def __init__(self, receiver: Receiver, ws: Connection) -> None:
         self.receiver = receiver
         self.settings = receiver.settings
         self.counters = receiver.counters
         self.ws = ws
-        self.protocol = StreamProtocol(
-            max_custom_parameters=self.settings.max_custom_parameters,
-            max_parameter_chars=self.settings.max_parameter_chars,
-            max_name_chars=self.settings.max_name_chars,
+        request = ws.request
+        target = urlsplit(request.target if request is not None else "/")
+        self.recording = StreamRecording(
+            receiver.settings,
+            receiver.sink_factories,
+            counters=receiver.counters,
+            metrics=receiver.metrics,
+            path=target.path,
+            query=target.query,
+            remote=ws.peer_ip,
         )
-        self.session: Session | None = None
-        self.fanout: Fanout | None = None
-        self.info: StreamInfo | None = None
-        self.messages = 0
-        self.unknown_events: dict[str, None] = {}
-        self.unknown_events_dropped = 0
-        self.clock_shifted = False  # logged once a stream
-        self.log = StreamLogger(logger, {"stream_sid": "-"})
         self.on_finished: Callable[[], None] = lambda: None
 
-    def _dropped(self, what: str, count: int, limit: int) -> None:
-        """Count what a stream sent past a bound; log the first time only."""
-        self.counters.add(Count.DROPPED, what)
-        if count == 1:
-            bound = f"past {limit}" if limit else "too long"
-            self.log.warning("%s %s a stream: counted in stream.json, dropped", what, bound)
+    @property
+    def session(self) -> Session | None:
+        """The stream's session, once it started (the live metrics read it)."""
+        return self.recording.session
+
+    @property
+    def messages(self) -> int:
+        """Messages received so far (the watchdog compares them)."""
+        return self.recording.messages
 
     async def run(self) -> None:
         """Read until stop, close or error; finish the sinks; then close if we are ending it.
@@ -395,18 +391,12 @@ class StreamHandler:
         end = StreamEnd("error", CLOSE_INTERNAL_ERROR, "internal error")
         try:
             end = await self._read()
-        except ProtocolError as exc:
-            self.counters.add(Count.PROTOCOL_ERRORS, exc.kind)
-            self.log.warning("closing with %d: %s", exc.close_code, shorten(exc.reason, 160))
-            end = StreamEnd("protocol-error", exc.close_code, exc.close_reason)
-        except RecordingFailed as exc:
-            end = self._recording_failed(exc)
-        except Exception:
+        except Exception:  # a bug of the shell's: the recording's own end in its receive()
             self.counters.add(Count.INTERNAL_ERRORS)
-            self.log.exception("internal error")
+            self.recording.log.exception("internal error")
         finally:
             try:
-                end = await self._finish(end)
+                end = await self.recording.finish(end)
             finally:
                 self.on_finished()
                 self.ws.release()  # what the client sent after the end: its close, typically
@@ -416,237 +406,30 @@ class StreamHandler:
             await self.ws.close()
         if self.ws.close_timed_out:
             self.counters.add(Count.CLOSE_TIMEOUTS)
-            self.log.info(
+            self.recording.log.info(
                 "no close frame back within %g s: connection cut", self.settings.close_timeout_s
             )
 
     async def _read(self) -> StreamEnd:
         watchdog = Watchdog(self, asyncio.get_running_loop())
         try:
-            return await self.ws.consume(self._on_messages)
+            return await self.ws.consume(self.recording.receive)
         except ConnectionClosed as exc:
-            return self._closed(exc)
+            return self.recording.closed(
+                exc.rcvd,
+                exc.sent,
+                exc.rcvd_then_sent,
+                keepalive_expired=self.ws.keepalive_expired,
+                write_overflow=self.ws.write_overflow,
+                draining=self.receiver.draining,
+            )
         except asyncio.CancelledError:
             if watchdog.expired is None:
                 raise
             task = asyncio.current_task()
             assert task is not None
             task.uncancel()
-            self.log.warning("closing: %s", watchdog.expired.reason)
+            self.recording.log.warning("closing: %s", watchdog.expired.reason)
             return watchdog.expired
         finally:
             watchdog.cancel()
-
-    def _on_messages(self, messages: Sequence[str | bytes]) -> StreamEnd | None:
-        """Parse, place and write a batch of messages; the end of the stream if one ends it.
-
-        Called by the connection, from its ``data_received`` on the fast path: it must not
-        block, and what it raises ends the stream as if raised in ``run``.
-        """
-        for message in messages:
-            self.messages += 1
-            event = self.protocol.receive(message)
-            match event:
-                case Media():
-                    assert self.session is not None and self.fanout is not None
-                    batches = self.session.media(event)
-                    if batches:  # one frame in ten at 20 ms frames and 200 ms batches
-                        for batch in batches:
-                            self.fanout.write(batch.track, batch.position, batch.samples)
-                        if not self.fanout.alive:
-                            raise RecordingFailed(self.fanout.errors)
-                        if not self.clock_shifted and self.session.clock_shifts:
-                            self.clock_shifted = True  # seen with the next batch at the latest
-                            self.log.warning(
-                                "a frame's timestamp or chunk jumped past RECEIVER_MAX_GAP_S "
-                                "or RECEIVER_MAX_SILENCE_S: silence kept to the limit, the "
-                                "track's clock shifted (clock_jumps, silence_capped in "
-                                "stream.json)"
-                            )
-                case Start():
-                    self._start(event)
-                case Dtmf():
-                    assert self.session is not None and self.fanout is not None
-                    dtmf = self.session.on_dtmf(event)
-                    if dtmf is None:
-                        self._dropped("dtmf", self.session.dropped.dtmf, self.settings.max_dtmf)
-                    else:
-                        self.fanout.event(dtmf)
-                case Mark():
-                    assert self.session is not None and self.fanout is not None
-                    dropped = self.session.dropped
-                    cut = dropped.mark_names_cut
-                    mark = self.session.on_mark(event)
-                    if mark is None:
-                        self._dropped("marks", dropped.marks, self.settings.max_marks)
-                    else:
-                        if dropped.mark_names_cut > cut:
-                            self._dropped("mark_names_cut", dropped.mark_names_cut, 0)
-                        self.fanout.event(mark)
-                case Stop():
-                    self.log.info("stop received")
-                    # The connection's close after a stop is 1000 (ours, or the client's echoed).
-                    return StreamEnd("stop", 1000, None)
-                case Connected():
-                    pass
-                case UnknownEvent(name=name):
-                    self.counters.add(Count.UNKNOWN_EVENTS)
-                    if name in self.unknown_events:
-                        pass
-                    elif len(self.unknown_events) < self.settings.max_unknown_events:
-                        self.unknown_events[name] = None
-                        self.log.info("skipping unknown event %r", shorten(name))
-                    else:
-                        self.unknown_events_dropped += 1
-                        self._dropped(
-                            "unknown_event_names",
-                            self.unknown_events_dropped,
-                            self.settings.max_unknown_events,
-                        )
-                case _:
-                    assert_never(event)
-        return None
-
-    def _closed(self, exc: ConnectionClosed) -> StreamEnd:
-        sent, rcvd = exc.sent, exc.rcvd
-        if self.ws.keepalive_expired:
-            reason = f"no pong within {self.settings.ping_timeout_s:g} s"
-            self.log.warning("closing with 1011: %s", reason)
-            return StreamEnd("keepalive-timeout", CLOSE_INTERNAL_ERROR, reason)
-        if self.ws.write_overflow:
-            reason = "aborted: the client did not read what we sent"
-            return StreamEnd("client-close", 1006, reason)
-        if self.receiver.draining and sent is not None and sent.code == CLOSE_GOING_AWAY:
-            return StreamEnd("shutdown", CLOSE_GOING_AWAY, "server shutting down")
-        if sent is not None and not exc.rcvd_then_sent and sent.code in _FRAME_ERRORS:
-            # websockets refused a frame itself: too big, invalid UTF-8, bad framing.
-            self.counters.add(Count.PROTOCOL_ERRORS, "frame")
-            self.log.warning("closed with %d: %s", sent.code, shorten(sent.reason, 160))
-            return StreamEnd("protocol-error", sent.code, sent.reason)
-        code = rcvd.code if rcvd is not None else 1006
-        reason = rcvd.reason if rcvd is not None else "connection lost without a close frame"
-        self.log.info("client closed (%d) without stop", code)
-        return StreamEnd("client-close", code, reason)
-
-    def _start(self, start: Start) -> None:
-        """Open the sinks and the session; an undecodable format still gets its record."""
-        self.log = StreamLogger(logger, {"stream_sid": shorten(start.stream_sid)})
-        request = self.ws.request
-        target = urlsplit(request.target if request is not None else "/")
-        codec, unsupported = None, None
-        try:
-            codec = codec_for(start.media_format, l16_byte_order=self.settings.l16_byte_order)
-        except UnsupportedMedia as exc:
-            unsupported = exc
-        self.info = StreamInfo(
-            start=start,
-            path=target.path,
-            query=target.query,
-            remote=self.ws.peer_ip,
-            started_at=datetime.now(UTC),
-            codec=codec,
-            unsupported_reason=unsupported.reason if unsupported else None,
-        )
-        sinks = [(name, factory(self.settings)) for name, factory in self.receiver.sink_factories]
-        write_seconds = self.receiver.metrics.sink_write_seconds
-        self.fanout = Fanout(
-            sinks,
-            logger=self.log,
-            on_error=lambda name: self.counters.add(Count.SINK_ERRORS, name),
-            on_write_seconds=lambda name: write_seconds.labels(name).observe,
-        )
-        self.counters.add(Count.STREAMS)
-        self.log.info(
-            "stream started: %s %d Hz, tracks %s",
-            shorten(start.media_format.encoding),
-            start.media_format.sample_rate_hz,
-            shorten(",".join(start.tracks)),
-        )
-        self.fanout.open(self.info)
-        if not self.fanout.alive:
-            raise RecordingFailed(self.fanout.errors)
-        if unsupported is not None:
-            raise unsupported
-        assert codec is not None
-        self.session = Session(
-            start,
-            codec=codec,
-            batch_ms=self.settings.batch_ms,
-            max_duration_s=self.settings.max_stream_duration_s,
-            max_gap_s=self.settings.max_gap_s,
-            max_silence_s=self.settings.max_silence_s,
-            max_marks=self.settings.max_marks,
-            max_dtmf=self.settings.max_dtmf,
-            max_name_chars=self.settings.max_name_chars,
-        )
-
-    def _recording_failed(self, exc: RecordingFailed) -> StreamEnd:
-        """Count, log and describe the end of a stream that no sink is left to record."""
-        self.counters.add(Count.RECORDING_FAILURES)
-        reason = shorten(str(exc), MAX_CLOSE_REASON_BYTES)
-        self.log.error("closing with %d: %s", exc.close_code, reason)
-        return StreamEnd("error", exc.close_code, reason)
-
-    async def _finish(self, end: StreamEnd) -> StreamEnd:
-        """Flush what is pending and close every sink, whatever happened before (those with an
-        ``aclose`` awaited, off the event loop's critical path).
-
-        Returns how the stream ended: a stop after which no sink is left is a failed recording.
-        """
-        if self.fanout is None or self.info is None:
-            return end
-        session, fanout = self.session, self.fanout
-        if session is not None:
-            for batch in session.flush():
-                fanout.write(batch.track, batch.position, batch.samples)
-        if end.kind == "stop" and not fanout.alive:
-            end = self._recording_failed(RecordingFailed(fanout.errors))
-        self.counters.add(Count.STREAMS_ENDED, end.kind)
-        rate = session.rate if session else self.info.start.media_format.sample_rate_hz
-
-        def summary(sink_errors: tuple[str, ...]) -> StreamSummary:
-            return StreamSummary(
-                end=end,
-                ended_at=datetime.now(UTC),
-                sample_rate_hz=rate,
-                tracks=session.track_stats if session else {},
-                dtmf=tuple(session.dtmf) if session else (),
-                marks=tuple(session.marks) if session else (),
-                messages=self.messages,
-                unknown_events=tuple(self.unknown_events),
-                dropped={
-                    **(session.dropped.as_dict() if session else {}),
-                    "unknown_event_names": self.unknown_events_dropped,
-                },
-                sink_errors=sink_errors,
-            )
-
-        await fanout.aclose(summary)  # stream.json is written off the event loop
-        stats = session.track_stats if session else {}
-        duration_s = (datetime.now(UTC) - self.info.started_at).total_seconds()
-        self.receiver.metrics.stream_finished(
-            session.codec.name if session else "none", stats, duration_s
-        )
-        tracks = ", ".join(
-            f"{t} {s.samples / rate:.2f} s ({s.gaps} gaps)" for t, s in stats.items()
-        )
-        fields = {
-            "end": end.kind,
-            "close_code": end.close_code,
-            "duration_s": round(duration_s, 3),
-            "messages": self.messages,
-            "tracks": {
-                t: {"duration_s": round(s.samples / rate, 3), "gaps": s.gaps}
-                for t, s in stats.items()
-            },
-            "files": list(fanout.locations),
-        }
-        self.log.info(
-            "stream ended (%s) after %.1f s: %s%s",
-            end.kind,
-            duration_s,
-            tracks or "no audio",
-            "".join(f"; {where}" for where in fanout.locations),
-            extra={"fields": fields},
-        )
-        return end
