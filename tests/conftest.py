@@ -4,6 +4,7 @@ Plain helpers live in tests/support/."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 from receiver import tls
 from receiver.server import Receiver
@@ -23,6 +25,21 @@ SENTENCES = {
     "inbound": "The quick brown fox jumps over the lazy dog. Seven silver swans swam south.",
     "outbound": "Thank you for calling. Your conference is being recorded for quality.",
 }
+
+
+# The in-process end-to-end tests run on both loops the receiver serves on: asyncio's, and
+# uvloop (what `receiver serve` picks when installed); their transports differ in what the
+# connection layer leans on (pausing, half-closes, write buffers).
+BOTH_LOOPS_MODULES = frozenset({"tests.test_e2e", "tests.test_shell_limits", "tests.test_limits"})
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]] | None:
+    module = getattr(item, "module", None)
+    if module is None or module.__name__ not in BOTH_LOOPS_MODULES:
+        return None
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
