@@ -273,12 +273,8 @@ class Receiver:
         self._cut_drain.set()
 
     def _open(self, ws: Connection) -> None:
-        """A stream's WebSocket is open: its handler runs as a task of its own."""
-        task = asyncio.get_running_loop().create_task(self._handle(ws))
-        self._handlers.add(task)
-        task.add_done_callback(self._handlers.discard)
-
-    async def _handle(self, ws: Connection) -> None:
+        """A stream's WebSocket is open: it counts against the limits from this moment (the
+        next upgrade, maybe in the same loop round, sees it), and its handler runs as a task."""
         ip = ws.peer_ip
         self.per_ip[ip] += 1
         stream = StreamHandler(self, ws)
@@ -296,10 +292,16 @@ class Receiver:
                     del self.per_ip[ip]
 
         stream.on_finished = finished
+        task = asyncio.get_running_loop().create_task(self._handle(stream))
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    @staticmethod
+    async def _handle(stream: StreamHandler) -> None:
         try:
             await stream.run()
         finally:
-            finished()
+            stream.on_finished()
 
 
 class Watchdog:

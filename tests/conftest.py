@@ -35,10 +35,10 @@ BOTH_LOOPS_MODULES = frozenset({"tests.test_e2e", "tests.test_shell_limits", "te
 
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
-) -> dict[str, Callable[[], asyncio.AbstractEventLoop]] | None:
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     module = getattr(item, "module", None)
     if module is None or module.__name__ not in BOTH_LOOPS_MODULES:
-        return None
+        return {"asyncio": asyncio.new_event_loop}
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 

@@ -82,6 +82,11 @@ async def test_client_that_never_reads_its_pongs_is_aborted(
                     (s.ws.transport.get_write_buffer_size() for s in receiver._streams), default=0
                 )
                 assert buffered <= 2 * 256 * 1024 + 64 * 1024
+                if receiver.counters["write_buffer_overflows"]:
+                    # Cut off: a client whose reading is paused may not see the reset for a
+                    # while (asyncio's client sends into the void until it reads).
+                    aborted = True
+                    break
     except (ConnectionError, ssl.SSLError):
         aborted = True
     writer.transport.abort()
