@@ -1,17 +1,24 @@
 """Benchmarks of the receiver, each printing ratios measured in one run.
 
-    python -m bench.run overhead [--rounds 5] [--streams 20] [--frames 3000]
-    python -m bench.run capacity [--tracks 1000] [--seconds 30] [--search]
-    python -m bench.run all          # both, then bench/results/{results.json,results.md,cpu.png}
-    python -m bench.run smoke        # seconds; what the test suite runs
+    python -m bench.run overhead [--rounds 5] [--streams 20] [--frames 3000] [--servers ...]
+    python -m bench.run capacity [--tracks 500,1000,2000] [--seconds 30] [--servers ...]
+    python -m bench.run all      # both, then bench/results/{all.json,all.md,cpu.png}
+    python -m bench.run smoke    # seconds; what the test suite runs
 
-overhead: the server process's CPU time per frame (utime+stime from /proc), for (a) the
-receiver with its wav sink (on uvloop, as deployed; "receiver-asyncio" is the same on asyncio's
-loop), (b) a bare websockets server with the same TLS and token check (the floor), (c) a
-tutorial-style recorder, alternated over the rounds, server and load pinned to different CPUs.
-capacity: K both-track streams paced in real time with the server pinned to one CPU: CPU use,
-whether real time held, whether every sample reached its file, frame-to-disk lag, RSS per
-stream; the same K against receiver-asyncio and the floor, for scale.
+Servers (``--servers``, comma-separated): ``receiver-<ms>`` is ``receiver serve`` on uvloop (as
+deployed) with RECEIVER_READ_INTERVAL_MS=<ms> (``receiver-asyncio-<ms>``: on asyncio's loop;
+no ``-<ms>``: the server's default); ``floor`` is a bare websockets server with the same TLS and
+token check that only receives, on asyncio (``floor-uvloop``: on uvloop); ``tutorial`` a
+tutorial-style recorder. Default: receiver-0, receiver-50, receiver-100, floor, floor-uvloop
+(and tutorial in the burst). Each round (overhead) or load (capacity) starts one server further
+along the list, so no server always goes first.
+
+overhead: the server process's CPU time per frame (utime+stime from /proc) in a burst; ratios
+per round, then min/median/max. capacity: K both-track streams paced in real time with the
+server pinned to one CPU: CPU use, whether real time held, whether every sample reached its
+file, frame-to-disk lag against the server's own bound (read interval + batch + 100 ms), RSS
+per stream and its trend; the receiver/floor CPU ratios at each load; then the issue's
+targets, PASS or FAIL from these figures.
 """
 
 from __future__ import annotations
@@ -47,6 +54,12 @@ CAPACITY_SERVERS = ("receiver-0", "receiver-50", "receiver-100", "floor", "floor
 OVERHEAD_SERVERS = (*CAPACITY_SERVERS, "tutorial")
 # "Flat": the second half's mean RSS above the first half's by at most this, a stream.
 RSS_GROWTH_KIB_PER_STREAM = 5.0
+# Real time: every stream closed within this of its stop (a backlog the floor, which keeps
+# no files to measure a lag on, would otherwise hide in the sockets' buffers).
+DRAIN_LIMIT_S = 5.0
+# A run where other processes took more than this of the server's CPU is marked: its
+# figures are not the server's alone (a shared machine).
+CONTENDED = 0.05
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -60,6 +73,15 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, from /proc/<pid>/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_busy_seconds(cpu: int) -> float:
+    """Time CPU ``cpu`` was not idle (user to steal, from /proc/stat), all processes."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{cpu} "):
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, line.split()[1:9])
+            return (user + nice + system + irq + softirq + steal) / CLK_TCK
+    raise RuntimeError(f"no cpu{cpu} in /proc/stat")
 
 
 def rss_kib(pid: int) -> int:
@@ -359,6 +381,7 @@ def capacity_run(name: str, streams: int, seconds: float) -> dict[str, Any]:
             time.sleep(0.05)
             began = float(began_file.read_text())
             cpu0, wall0 = cpu_seconds(process.pid), time.monotonic()
+            busy0 = cpu_busy_seconds(SERVER_CPU), cpu_busy_seconds(LOAD_CPU)
             lags: list[float] = []
             rss: list[int] = []
             sampled: list[Path] = []
@@ -377,6 +400,7 @@ def capacity_run(name: str, streams: int, seconds: float) -> dict[str, Any]:
                         continue
                     lags.append(max(0.0, now - began - held))
             cpu1, wall1 = cpu_seconds(process.pid), time.monotonic()
+            busy1 = cpu_busy_seconds(SERVER_CPU), cpu_busy_seconds(LOAD_CPU)
             out, _ = loader.communicate(timeout=600)
             if loader.returncode:
                 raise RuntimeError(f"load generator failed against {name} ({streams} streams)")
@@ -396,12 +420,19 @@ def capacity_run(name: str, streams: int, seconds: float) -> dict[str, Any]:
         "tracks": 2 * streams,
         "seconds": seconds,
         "cpu_utilization": round(utilization, 3),
+        # The shared machine: what else ran on the server's CPU (other processes, steal), and
+        # how busy the load's CPU was in all (generator, driver, anyone else).
+        "server_cpu_others": round(
+            max(0.0, (busy1[0] - busy0[0] - (cpu1 - cpu0)) / (wall1 - wall0)), 3
+        ),
+        "load_cpu_busy": round((busy1[1] - busy0[1]) / (wall1 - wall0), 3),
         "every_sample_on_disk": tracks_short == 0 if receiver or lengths else None,
         "tracks_short": tracks_short,
         "closed_by_server": sent["closed_by_server"],
         # After the schedule's end: the stop, the files finished, every close read.
         "drain_s": round(sent["drain_s"], 2),
         "loadgen_lateness_ms_p99": sent["send_lateness_ms_p99"],
+        "loadgen_tick_work_ms_p50": sent["tick_work_ms_p50"],
         "loadgen_tick_work_ms_p99": sent["tick_work_ms_p99"],
         "loadgen_cpu_utilization": sent["cpu_utilization"],
         "loadgen_stalled_writes": sent["stalled_writes"],
@@ -428,6 +459,7 @@ def capacity_run(name: str, streams: int, seconds: float) -> dict[str, Any]:
         and sent["stalled_writes"] == 0
         and sent["frames_dropped"] == 0
         and sent["closed_by_server"] == streams
+        and sent["drain_s"] <= DRAIN_LIMIT_S
         and tracks_short == 0
         and utilization < 1.0
         and (
@@ -604,7 +636,7 @@ def markdown(results: dict[str, Any], *, with_targets: bool = True) -> str:
             + "; ".join(", ".join(o) for o in c["orders"]),
             "",
             "| server | tracks | CPU | real time | every sample | lag p50/p99 ms (limit) "
-            "| drain s | RSS/stream KiB | RSS 1st/2nd half KiB | loadgen p99 ms, CPU |",
+            "| drain s | RSS/stream KiB | RSS 1st/2nd half KiB | loadgen p99 ms, CPU; CPU 1 |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in sorted(c["runs"], key=lambda r: (r["tracks"], r["server"])):
@@ -612,13 +644,16 @@ def markdown(results: dict[str, Any], *, with_targets: bool = True) -> str:
             if "lag_limit_ms" in r:
                 lag += f" ({r['lag_limit_ms']:.0f})"
             loadgen_cpu = r["loadgen_cpu_utilization"]
+            others = r["server_cpu_others"]
             lines.append(
-                f"| {r['server']} | {r['tracks']} | {100 * r['cpu_utilization']:.0f}% | "
+                f"| {r['server']} | {r['tracks']} | {100 * r['cpu_utilization']:.0f}%"
+                f"{f' (+{100 * others:.0f}% others)' if others > CONTENDED else ''} | "
                 f"{r['real_time_held']} | {r['every_sample_on_disk']} | {lag} | "
                 f"{r['drain_s']} | {r['rss_per_stream_kib']} | "
                 f"{r['rss_first_half_kib']}/{r['rss_second_half_kib']} | "
                 f"{r['loadgen_lateness_ms_p99']}, "
-                f"{'-' if loadgen_cpu is None else f'{100 * loadgen_cpu:.0f}%'} |"
+                f"{'-' if loadgen_cpu is None else f'{100 * loadgen_cpu:.0f}%'}; "
+                f"{100 * r['load_cpu_busy']:.0f}% |"
             )
         loads = sorted({r["tracks"] for r in c["runs"]})
         lines += [
