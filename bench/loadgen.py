@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from websockets.frames import Close, Frame, Opcode
 
 FRAME_MS = 20
+PHASES = 10  # paced: streams start their 20 ms ticks at ten offsets, 2 ms apart
 AHEAD_TICKS = 50  # paced: each stream's records are sealed a second (or two) in advance
 PENDING_CAP = 8 << 20  # paced: a stream's unsent backlog beyond this drops frames (counted)
 TRACKS = ("inbound", "outbound")
@@ -111,7 +112,7 @@ class Result:
     closed_by_server: int = 0
     schedule_cpu_s: float = 0.0
     schedule_wall_s: float = 0.0
-    tick_work_ms: list[float] = field(default_factory=list)  # paced: a tick's own work
+    tick_work_ms: list[float] = field(default_factory=list)  # paced: a tick's work, all phases
     stalled_writes: int = 0  # paced: stream-ticks whose bytes the kernel did not take at once
     drain_s: float = 0.0  # paced: from the stop to the last stream's close
     frames_dropped: int = 0  # paced: never sent, a stream's backlog was over PENDING_CAP
@@ -437,22 +438,31 @@ def run_paced(args: argparse.Namespace) -> Result:
     cpu0 = time.process_time()
     lateness = result.send_lateness_ms
     stalled = 0
-    groups = [conns[g::AHEAD_TICKS] for g in range(AHEAD_TICKS)]
+    # Streams in PHASES groups a 20 ms / PHASES apart, as calls start at any time: the
+    # server sees arrivals all through a tick, and the generator's work is spread over it
+    # (each phase's lateness is measured at its own due time).
+    phases = [conns[p::PHASES] for p in range(PHASES)]
+    slots = AHEAD_TICKS * PHASES
+    groups = [conns[g::slots] for g in range(slots)]
     for tick in range(ticks):
-        delay = began + tick * FRAME_MS / 1000 - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        lateness.append(max(0.0, -delay) * 1000)
-        tick_began = time.perf_counter()
-        for conn in conns:
-            if not conn.send(conn.ahead.popleft(), PENDING_CAP):
-                stalled += 1
-        # A 50th of the streams pong the server's pings and seal their next second, so
-        # every tick costs the same.
-        for conn in groups[tick % AHEAD_TICKS]:
-            conn.answer_pings()
-            conn.seal_ahead(pairs, tick + 2 * AHEAD_TICKS)
-        result.tick_work_ms.append((time.perf_counter() - tick_began) * 1000)
+        work = 0.0
+        for phase, members in enumerate(phases):
+            due = began + (tick * FRAME_MS + phase * FRAME_MS / PHASES) / 1000
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            lateness.append(max(0.0, -delay) * 1000)
+            phase_began = time.perf_counter()
+            for conn in members:
+                if not conn.send(conn.ahead.popleft(), PENDING_CAP):
+                    stalled += 1
+            # A few streams pong the server's pings and seal their next second, so every
+            # slot costs about the same.
+            for conn in groups[(tick * PHASES + phase) % slots]:
+                conn.answer_pings()
+                conn.seal_ahead(pairs, tick + 2 * AHEAD_TICKS)
+            work += time.perf_counter() - phase_began
+        result.tick_work_ms.append(work * 1000)
     result.schedule_cpu_s = time.process_time() - cpu0
     result.schedule_wall_s = time.perf_counter() - began
     result.stalled_writes = stalled
