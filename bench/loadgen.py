@@ -114,6 +114,7 @@ class Result:
     schedule_wall_s: float = 0.0
     tick_work_ms: list[float] = field(default_factory=list)  # paced: a tick's work, all phases
     stalled_writes: int = 0  # paced: stream-ticks whose bytes the kernel did not take at once
+    handshakes_s: float = 0.0  # paced: all the streams' TLS and HTTP handshakes, in turn
     drain_s: float = 0.0  # paced: from the stop to the last stream's close
     frames_dropped: int = 0  # paced: never sent, a stream's backlog was over PENDING_CAP
 
@@ -132,6 +133,7 @@ class Result:
             "closed_by_server": self.closed_by_server,
             "tick_work_ms_p50": round(statistics.median(work), 2),
             "tick_work_ms_p99": round(work[int(0.99 * (len(work) - 1))], 2),
+            "handshakes_s": round(self.handshakes_s, 3),
             "drain_s": round(self.drain_s, 3),
             "stalled_writes": self.stalled_writes,
             "frames_dropped": self.frames_dropped,
@@ -420,6 +422,7 @@ def run_paced(args: argparse.Namespace) -> Result:
     result = Result("paced", args.streams)
     conns: list[Conn] = []
     prefix = f"{args.prefix}-{os.getpid()}"
+    opened = time.perf_counter()
     for i in range(args.streams):
         conn = Conn(f"{prefix}-{i}", socket.create_connection((args.host, args.port)), context)
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -430,6 +433,7 @@ def run_paced(args: argparse.Namespace) -> Result:
         conn.send(conn.seal(b"".join(opening_frames(conn.sid))), PENDING_CAP)
         conn.seal_ahead(pairs, 2 * AHEAD_TICKS)
     result.handshakes_ok = len(conns)
+    result.handshakes_s = time.perf_counter() - opened
     time.sleep(0.2)
     began = time.perf_counter()
     if args.began_file:

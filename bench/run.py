@@ -75,12 +75,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def cpu_busy_seconds(cpu: int) -> float:
-    """Time CPU ``cpu`` was not idle (user to steal, from /proc/stat), all processes."""
+def cpu_busy_seconds(cpu: int, *, interrupts: bool = True) -> float:
+    """Time CPU ``cpu`` ran anything (user, system, steal and, with ``interrupts``, irq and
+    softirq: on loopback much of that is the benchmark's own packets), from /proc/stat."""
     for line in Path("/proc/stat").read_text().splitlines():
         if line.startswith(f"cpu{cpu} "):
             user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, line.split()[1:9])
-            return (user + nice + system + irq + softirq + steal) / CLK_TCK
+            busy = user + nice + system + steal + (irq + softirq if interrupts else 0)
+            return busy / CLK_TCK
     raise RuntimeError(f"no cpu{cpu} in /proc/stat")
 
 
@@ -381,7 +383,7 @@ def capacity_run(name: str, streams: int, seconds: float) -> dict[str, Any]:
             time.sleep(0.05)
             began = float(began_file.read_text())
             cpu0, wall0 = cpu_seconds(process.pid), time.monotonic()
-            busy0 = cpu_busy_seconds(SERVER_CPU), cpu_busy_seconds(LOAD_CPU)
+            busy0 = cpu_busy_seconds(SERVER_CPU, interrupts=False), cpu_busy_seconds(LOAD_CPU)
             lags: list[float] = []
             rss: list[int] = []
             sampled: list[Path] = []
@@ -400,7 +402,7 @@ def capacity_run(name: str, streams: int, seconds: float) -> dict[str, Any]:
                         continue
                     lags.append(max(0.0, now - began - held))
             cpu1, wall1 = cpu_seconds(process.pid), time.monotonic()
-            busy1 = cpu_busy_seconds(SERVER_CPU), cpu_busy_seconds(LOAD_CPU)
+            busy1 = cpu_busy_seconds(SERVER_CPU, interrupts=False), cpu_busy_seconds(LOAD_CPU)
             out, _ = loader.communicate(timeout=600)
             if loader.returncode:
                 raise RuntimeError(f"load generator failed against {name} ({streams} streams)")
@@ -420,8 +422,9 @@ def capacity_run(name: str, streams: int, seconds: float) -> dict[str, Any]:
         "tracks": 2 * streams,
         "seconds": seconds,
         "cpu_utilization": round(utilization, 3),
-        # The shared machine: what else ran on the server's CPU (other processes, steal), and
-        # how busy the load's CPU was in all (generator, driver, anyone else).
+        # The shared machine: what else ran on the server's CPU (other processes, steal; not
+        # interrupts, mostly this run's packets), and how busy the load's CPU was in all
+        # (generator, driver, anyone else).
         "server_cpu_others": round(
             max(0.0, (busy1[0] - busy0[0] - (cpu1 - cpu0)) / (wall1 - wall0)), 3
         ),
@@ -431,6 +434,7 @@ def capacity_run(name: str, streams: int, seconds: float) -> dict[str, Any]:
         "closed_by_server": sent["closed_by_server"],
         # After the schedule's end: the stop, the files finished, every close read.
         "drain_s": round(sent["drain_s"], 2),
+        "handshakes_s": sent["handshakes_s"],
         "loadgen_lateness_ms_p99": sent["send_lateness_ms_p99"],
         "loadgen_tick_work_ms_p50": sent["tick_work_ms_p50"],
         "loadgen_tick_work_ms_p99": sent["tick_work_ms_p99"],
@@ -510,7 +514,9 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
             (
                 f"{r}: paced 500 tracks, CPU <= 0.35 x floor's (asyncio)",
                 None if run is None or ratio is None else ratio <= 0.35,
-                f"ratio {ratio}" if ratio is not None else "not measured",
+                f"ratio {ratio}{contended(run)}{contended(runs.get(('floor', 500)))}"
+                if ratio is not None
+                else "not measured",
             )
         )
         run = runs.get((r, 1000))
@@ -579,8 +585,15 @@ def describe(run: dict[str, Any] | None) -> str:
     return (
         f"CPU {100 * run['cpu_utilization']:.0f}%, real time {run['real_time_held']}, "
         f"every sample {run['every_sample_on_disk']}, lag p99 {run.get('lag_ms_p99', '-')} ms, "
-        f"loadgen p99 {run['loadgen_lateness_ms_p99']} ms"
+        f"loadgen p99 {run['loadgen_lateness_ms_p99']} ms{contended(run)}"
     )
+
+
+def contended(run: dict[str, Any] | None) -> str:
+    """A mark for figures other processes shared the server's CPU with."""
+    if run is None or run["server_cpu_others"] <= CONTENDED:
+        return ""
+    return f" [contended: others took {100 * run['server_cpu_others']:.0f}% of the server's CPU]"
 
 
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
