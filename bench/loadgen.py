@@ -36,7 +36,7 @@ from websockets.frames import Close, Frame, Opcode
 FRAME_MS = 20
 PHASES = 10  # paced: streams start their 20 ms ticks at ten offsets, 2 ms apart
 AHEAD_TICKS = 50  # paced: each stream's records are sealed a second (or two) in advance
-PENDING_CAP = 8 << 20  # paced: a stream's unsent backlog beyond this drops frames (counted)
+PENDING_CAP = 1 << 20  # paced: a stream's unsent backlog (30 s of it) beyond this drops frames
 TRACKS = ("inbound", "outbound")
 
 
