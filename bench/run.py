@@ -380,6 +380,8 @@ def capacity_run(name: str, streams: int, seconds: float) -> dict[str, Any]:
             )
             while not began_file.exists() and loader.poll() is None:
                 time.sleep(0.01)
+            if not began_file.exists():
+                raise RuntimeError(f"load generator failed before its schedule against {name}")
             time.sleep(0.05)
             began = float(began_file.read_text())
             cpu0, wall0 = cpu_seconds(process.pid), time.monotonic()
