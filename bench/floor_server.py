@@ -1,7 +1,10 @@
 """The floor: a bare websockets server with the receiver's TLS and token check that only
 receives. Whatever the receiver spends above this is its own cost.
 
-    python -m bench.floor_server PORT CERT KEY TOKEN
+    python -m bench.floor_server PORT CERT KEY TOKEN [asyncio|uvloop]
+
+The loop option (default asyncio) gives the floor the receiver's deployed loop too, so the
+two are compared with and without uvloop's share of the saving.
 """
 
 from __future__ import annotations
@@ -47,4 +50,13 @@ async def main(port: int, cert: str, key: str, token: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]))
+    loop = sys.argv[5] if len(sys.argv) > 5 else "asyncio"
+    if loop not in ("asyncio", "uvloop"):
+        sys.exit(f"unknown event loop {loop!r}: asyncio or uvloop")
+    coroutine = main(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])
+    if loop == "uvloop":
+        import uvloop
+
+        uvloop.run(coroutine)
+    else:
+        asyncio.run(coroutine)
