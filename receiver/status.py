@@ -497,12 +497,17 @@ class StatusCallbacks:
 
     def stream_started(self, stream_sid: str) -> None:
         """The stream connected: its events are held for its summary, and a stream-error for
-        it is not one of a stream that never arrived."""
-        self.events.connected(stream_sid)
+        it is not one of a stream that never arrived. Nothing without a signing key."""
+        if self._keys:
+            self.events.connected(stream_sid)
 
     def platform_fields(self, stream_sid: str) -> dict[str, Any]:
         """For ``StreamSummary.platform`` at the stream's end (before its sinks close):
-        ``conference_sid``, ``stream_name``, ``platform_call_sid``, ``platform_events``."""
+        ``conference_sid``, ``stream_name``, ``platform_call_sid``, ``platform_events``
+        (None and [] when nothing came); ``{}`` without a signing key, so that a receiver not
+        listening to the platform records nothing of it."""
+        if not self._keys:
+            return {}
         return self.events.fields(stream_sid, report=True)
 
     async def stream_finished(self, stream_sid: str, directory: Path | None) -> None:
@@ -702,7 +707,18 @@ class StatusCallbacks:
         assert stream.directory is not None
         async with self._write_lock:
             fields = platform_fields_of(stream)
-            await asyncio.to_thread(_rewrite_record, stream.directory, fields)
+            try:
+                await asyncio.to_thread(_rewrite_record, stream.directory, fields)
+            except FileNotFoundError:
+                # Uploaded and deleted (RECEIVER_UPLOAD_DELETE_LOCAL), or moved away: a retry
+                # would not bring it back. The events stay in memory, for the log.
+                self._refusals.log(
+                    logging.INFO,
+                    "record_gone",
+                    "a late status callback's stream.json is gone (uploaded and deleted?): "
+                    "not updated",
+                )
+                return
         stream.reported = len(stream.events)
 
 

@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import logging
+import ssl
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,8 +31,16 @@ from receiver.session import TrackStats
 from receiver.settings import load_settings
 from receiver.sinks import StreamInfo, WavSink
 from receiver.sinks.base import StreamEnd, StreamSummary
-from receiver.status import ERROR_HINTS, ERRORS_LOG_NAME, StatusCallbacks, error_label
-from tests.support.receiver import TlsFiles
+from receiver.status import (
+    ERROR_HINTS,
+    ERRORS_LOG_NAME,
+    StatusCallbacks,
+    error_label,
+    signed_url_forms,
+)
+from tests.support.clients import Target, good_stream
+from tests.support.receiver import TOKEN, wait_idle
+from tests.support.wire import SERVER_NAME
 
 KEY = "PSK_test_signing_key_0123456789"
 OLD_KEY = "PSK_rotated_out_key_9876543210"
@@ -105,6 +114,18 @@ def json_request(params: dict[str, str], *, key: str = KEY, tamper: bool = False
         ("x-signalwire-signature", signature),
     )
     return HttpRequest("POST", PATH, headers, body, peer_ip=PEER)
+
+
+def json_form_request(params: dict[str, str]) -> HttpRequest:
+    """A JSON body signed with the form scheme over its fields (the compatibility SDK's
+    fallback for JSON bodies), by twilio's RequestValidator."""
+    signature = RequestValidator(KEY).compute_signature(URL, params)
+    headers = (
+        ("host", HOST),
+        ("content-type", "application/json; charset=utf-8"),
+        ("x-signalwire-signature", signature),
+    )
+    return HttpRequest("POST", PATH, headers, json.dumps(params).encode(), peer_ip=PEER)
 
 
 def body_hash_request(params: dict[str, str]) -> HttpRequest:
@@ -261,15 +282,35 @@ def test_the_summary_carries_the_platform_fields_without_replacing_its_own() -> 
 
 
 async def test_platform_fields_of_a_stream_the_platform_said_nothing_of(
-    callbacks: StatusCallbacks,
+    callbacks: StatusCallbacks, make_callbacks: Callable[..., StatusCallbacks]
 ) -> None:
-    """Every stream's record has the four keys, empty when no callback came."""
+    """With a signing key every stream's record has the four keys, empty when no callback
+    came; without one it gains nothing, and streams leave no entries behind."""
+    callbacks.stream_started("MZ-silent")
     assert callbacks.platform_fields("MZ-silent") == {
         "conference_sid": None,
         "stream_name": None,
         "platform_call_sid": None,
         "platform_events": [],
     }
+    off = make_callbacks(signing_keys=[])
+    off.stream_started("MZ-off")
+    assert off.platform_fields("MZ-off") == {} and len(off.events) == 0
+
+
+async def test_a_late_callback_for_a_deleted_recording_is_answered_200(
+    callbacks: StatusCallbacks, recordings: Path
+) -> None:
+    """After an upload deleted the local copy, a late callback cannot update stream.json: it
+    is answered 200 (a retry would not help) and nothing is recreated."""
+    recording = Recording(callbacks, recordings, "MZ-gone")
+    directory = await recording.end()
+    for path in directory.iterdir():
+        path.unlink()
+    directory.rmdir()
+    late = form_request(callback("MZ-gone", event="stream-stopped"))
+    assert (await callbacks.handle(late)).status == 200
+    assert not directory.exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,6 +326,7 @@ async def test_platform_fields_of_a_stream_the_platform_said_nothing_of(
         pytest.param(lambda p: get_request(p), id="get-query"),
         pytest.param(lambda p: json_request(p), id="json-hex"),
         pytest.param(lambda p: body_hash_request(p), id="json-bodySHA256"),
+        pytest.param(lambda p: json_form_request(p), id="json-form-scheme"),
         pytest.param(
             lambda p: form_request(p, signed_url=f"https://{HOST}:443{PATH}"), id="signed-with-443"
         ),
@@ -308,6 +350,21 @@ async def test_signed_callbacks_are_accepted(
     fields = callbacks.platform_fields("MZ-ok")
     assert fields["conference_sid"] == CONFERENCE
     assert events_of(fields) == [("stream-started", None)]
+
+
+@pytest.mark.parametrize(
+    ("url", "forms"),
+    [
+        (URL, (URL, f"https://{HOST}:443{PATH}")),
+        (f"https://{HOST}:443{PATH}", (f"https://{HOST}:443{PATH}", URL)),
+        ("http://h/x?a=1", ("http://h/x?a=1", "http://h:80/x?a=1")),
+        ("https://[::1]:8443/x", ("https://[::1]:8443/x", "https://[::1]/x")),
+        ("https://h:99999/x", ("https://h:99999/x",)),
+    ],
+)
+def test_the_url_forms_a_signature_is_checked_against(url: str, forms: tuple[str, ...]) -> None:
+    """The URL as rebuilt, with the default port, without a port (IPv6 kept whole)."""
+    assert signed_url_forms(url) == forms
 
 
 async def test_the_public_url_is_what_was_signed(
@@ -624,25 +681,40 @@ def test_signing_keys_public_url_and_status_path_settings() -> None:
 
 
 @pytest.mark.skip(reason="needs the router of issue 13")
-async def test_status_callback_over_the_tls_port(
-    start_receiver: Callable[..., Any], tls_files: TlsFiles, recordings: Path
+async def test_status_callbacks_over_the_tls_port(
+    start_receiver: Callable[..., Any], client_ssl: ssl.SSLContext, recordings: Path
 ) -> None:
-    """A signed form POST over real TLS to RECEIVER_STATUS_PATH is answered 200 and kept; an
-    unsigned one 403; a stream-error for a stream that never came lands in the errors file."""
+    """Over real TLS to RECEIVER_STATUS_PATH: a signed callback before a real stream and one
+    after it land in its stream.json; an unsigned one is 403; a stream-error for a stream
+    that never came is counted and lands in the errors file."""
     receiver: Receiver = await start_receiver(recordings_dir=recordings, signalwire_signing_key=KEY)
-    url = f"https://localhost:{receiver.port}{PATH}"
-    params = callback(
-        "MZ-e2e", event="stream-error", StreamError="connection_refused_timeout_or_ssl_error"
-    )
-    signature = RequestValidator(KEY).compute_signature(url, params)
-    async with httpx.AsyncClient(verify=str(tls_files.cert)) as client:
-        ok = await client.post(url, data=params, headers={"X-SignalWire-Signature": signature})
-        assert ok.status_code == 200
-        bad = await client.post(url, data=params, headers={"X-SignalWire-Signature": "x"})
-        assert bad.status_code == 403
-    kept = (recordings / ERRORS_LOG_NAME).read_text()
-    assert "MZ-e2e" in kept
-    assert (
-        receiver.counters[Count.PLATFORM_STREAM_ERRORS, "connection_refused_timeout_or_ssl_error"]
-        == 1
-    )
+    url = f"https://{SERVER_NAME}:{receiver.port}{PATH}"
+
+    async def post(client: httpx.AsyncClient, params: dict[str, str], key: str = KEY) -> int:
+        signature = RequestValidator(key).compute_signature(url, params)
+        response = await client.post(
+            url, data=params, headers={"X-SignalWire-Signature": signature}
+        )
+        return response.status_code
+
+    async with httpx.AsyncClient(verify=client_ssl) as client:
+        assert await post(client, callback("MZe2e", event="stream-started")) == 200
+        target = Target(receiver.port, client_ssl, TOKEN, 10.0, 60.0)
+        await good_stream(target, "MZe2e", frames=10)
+        await wait_idle(receiver)
+        directory = recordings / "MZe2e"
+        assert record(directory)["conference_sid"] == CONFERENCE
+        assert await post(client, callback("MZe2e", event="stream-stopped")) == 200
+        assert events_of(record(directory)) == [("stream-started", None), ("stream-stopped", None)]
+
+        assert await post(client, callback("MZe2e-bad"), key="PSK_not_our_key_000000") == 403
+        never = callback(
+            "MZe2e-never",
+            event="stream-error",
+            StreamError="connection_refused_timeout_or_ssl_error",
+        )
+        assert await post(client, never) == 200
+    assert "MZe2e-never" in (recordings / ERRORS_LOG_NAME).read_text()
+    label = "connection_refused_timeout_or_ssl_error"
+    assert receiver.counters[Count.PLATFORM_STREAM_ERRORS, label] == 1
+    assert receiver.counters[Count.STATUS_CALLBACKS, "bad_signature"] == 1
