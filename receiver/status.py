@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from receiver.gate import RateLimitedLog
@@ -193,7 +193,7 @@ def _signature_valid(
             query = dict(parse_qsl(urlsplit(url).query))
             if "bodySHA256" in query:
                 body_hash = hashlib.sha256(json_body).hexdigest()
-                valid |= _same(signature, form_signature(key, url)) and _same(
+                valid |= _same(signature, form_signature(key, url)) & _same(
                     query["bodySHA256"].lower(), body_hash
                 )
             if json_params is not None:
@@ -459,6 +459,7 @@ class StatusCallbacks:
         self.max_errors_log_bytes = max_errors_log_bytes
         self.log = logger or logging.getLogger("receiver.status")
         self._refusals = RateLimitedLog(self.log, interval_s=60.0)
+        self._errors = RateLimitedLog(self.log, interval_s=10.0)
         self.events = PlatformEvents(counters=counters, **store_limits)
         self._write_lock = asyncio.Lock()
 
@@ -554,7 +555,7 @@ class StatusCallbacks:
         if url is None or not _signature_valid(
             self._keys,
             signed_url_forms(url),
-            signature or "",
+            signature,
             form=form,
             json_body=json_body,
             json_params=json_params,
@@ -563,11 +564,15 @@ class StatusCallbacks:
             self._refused(request, "bad_signature", f"the signature does not match ({checked})")
         fields = self.events.cut(sent)
         if not fields.get("stream_sid"):
-            self.log.warning("a signed status callback without a StreamSid: ignored (400)")
+            self._refusals.log(
+                logging.WARNING,
+                "no_stream_sid",
+                "a signed status callback without a StreamSid: ignored (400)",
+            )
             raise _Refused(400, "no_stream_sid", "no StreamSid")
         return await self._keep(fields)
 
-    def _refused(self, request: HttpRequest, outcome: str, why: str) -> None:
+    def _refused(self, request: HttpRequest, outcome: str, why: str) -> NoReturn:
         self._refusals.log(
             logging.WARNING,
             outcome,
@@ -659,16 +664,17 @@ class StatusCallbacks:
         self.counters.add(Count.PLATFORM_STREAM_ERRORS, label)
         where = "never reached this receiver" if never_connected else "failed"
         conference = fields.get("conference_sid")
-        self.log.warning(
-            "the platform says the stream %s%s: %s: %s",
-            where,
+        # At most one line every 10 s per error: an outage fails many streams at once, and
+        # each of them is in platform-errors.jsonl (or its stream.json) anyway.
+        self._errors.log(
+            logging.WARNING,
+            label,
+            "the platform says stream %s%s %s: %s: %s",
+            shorten(sid),
             f" (conference {shorten(conference)})" if conference else "",
+            where,
             shorten(error or "no StreamError"),
             ERROR_HINTS[label],
-            extra={
-                "stream_sid": shorten(sid),
-                "fields": {"stream_error": label, "never_connected": never_connected},
-            },
         )
 
     async def _keep_error(self, fields: Mapping[str, str], event: PlatformEvent) -> None:

@@ -492,6 +492,7 @@ async def test_a_stream_error_for_a_stream_that_never_connected_is_warned_counte
     (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
     message = warning.getMessage()
     assert "never reached this receiver" in message and CONFERENCE in message
+    assert "MZ-never" in message
     assert (
         "the platform could not complete TLS with this receiver: is its certificate publicly "
         "trusted, and is the port open?"
@@ -509,6 +510,23 @@ async def test_a_stream_error_for_a_stream_that_never_connected_is_warned_counte
     assert kept["stream_sid"] == "MZ-never" and kept["conference_sid"] == CONFERENCE
     assert kept["error"] == "connection_refused_timeout_or_ssl_error"
     assert kept["hint"].startswith("the platform could not complete TLS")
+
+
+async def test_a_burst_of_stream_errors_is_one_warning_and_every_one_kept(
+    callbacks: StatusCallbacks, recordings: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An outage fails many streams at once: one WARNING per error kind (the next says how
+    many were left out), every one counted and in the errors file."""
+    caplog.set_level(logging.WARNING, "receiver.status")
+    for n in range(5):
+        params = callback(f"MZ-o{n}", event="stream-error", StreamError="connection_refused")
+        assert (await callbacks.handle(form_request(params))).status == 200
+    other = callback("MZ-c", event="stream-error", StreamError="codec_error")
+    assert (await callbacks.handle(form_request(other))).status == 200
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and "codec_error" in warnings[1]
+    assert callbacks.counters[Count.PLATFORM_STREAM_ERRORS, "connection_refused"] == 5
+    assert len((recordings / ERRORS_LOG_NAME).read_text().splitlines()) == 6
 
 
 @pytest.mark.parametrize(
