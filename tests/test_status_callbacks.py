@@ -22,6 +22,7 @@ import pytest
 from twilio.request_validator import RequestValidator
 
 from receiver.codecs import codec_for
+from receiver.delivery.service import event_data
 from receiver.events import MediaFormat, Start
 from receiver.exceptions import ConfigError
 from receiver.http import HttpRequest
@@ -279,6 +280,18 @@ def test_the_summary_carries_the_platform_fields_without_replacing_its_own() -> 
     )
     data = summary.as_dict()
     assert data["conference_sid"] == CONFERENCE and data["messages"] == 0
+
+
+async def test_webhooks_carry_the_platform_fields(
+    callbacks: StatusCallbacks, recordings: Path
+) -> None:
+    """stream.ended's data, made from the stream's record, carries the platform fields."""
+    assert (await callbacks.handle(form_request(callback("MZ-hook")))).status == 200
+    directory = await Recording(callbacks, recordings, "MZ-hook").end()
+    data = event_data(record(directory))
+    assert data["conference_sid"] == CONFERENCE and data["stream_name"] == "room-42"
+    assert data["platform_call_sid"] == CALL
+    assert events_of(data) == [("stream-started", None)]
 
 
 async def test_platform_fields_of_a_stream_the_platform_said_nothing_of(
