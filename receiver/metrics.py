@@ -45,6 +45,9 @@ class Count(StrEnum):
     MEMORY_TRIMS = "memory_trims"
     CONNECTIONS_CLOSED = "connections_closed"
     DROPPED = "dropped"
+    STATUS_CALLBACKS = "status_callbacks"
+    PLATFORM_STREAM_ERRORS = "platform_stream_errors"
+    PLATFORM_EVENTS_DROPPED = "platform_events_dropped"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +92,16 @@ COUNTERS: dict[Count, CounterSpec] = {
     ),
     Count.DROPPED: CounterSpec(
         "what", "Items a stream sent past a per-stream bound (marks, dtmf, ...), dropped."
+    ),
+    Count.STATUS_CALLBACKS: CounterSpec(
+        "outcome",
+        "The platform's status callbacks, by outcome (stored, duplicate, bad_signature, ...).",
+    ),
+    Count.PLATFORM_STREAM_ERRORS: CounterSpec(
+        "error", "stream-error callbacks, by StreamError (unknown errors: other)."
+    ),
+    Count.PLATFORM_EVENTS_DROPPED: CounterSpec(
+        "what", "Status callback data past a bound (streams, events, field_chars, error_log)."
     ),
 }
 

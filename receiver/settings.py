@@ -120,6 +120,19 @@ class Settings(BaseSettings):
     delivery_retry_first_s: float = Field(default=1.0, gt=0, le=3600)
     delivery_retry_max_s: float = Field(default=300.0, gt=0, le=86_400)
     # --- end of delivery settings ------------------------------------------------------------
+    # --- Status callbacks (receiver/status.py, README "Status callbacks") --------------------
+    # The project's signing key (dashboard: API > Signing Key; not the API token), several
+    # comma-separated while rotating. Unset: RECEIVER_STATUS_PATH answers 404.
+    signalwire_signing_key: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    # The receiver's public base URL as the platform reaches it (https://receiver.example.com,
+    # through a proxy or a tunnel): callbacks are checked against the URL signed from it, and
+    # `receiver streams create` points StatusCallback at it plus RECEIVER_STATUS_PATH.
+    public_url: str | None = None
+    # Where the platform's status callbacks arrive on the stream port (no token: signed).
+    status_path: str = Field(
+        default="/signalwire/status", pattern=r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]{0,255}$"
+    )
+    # --- end of status callback settings ----------------------------------------------------
     log_level: LogLevel = "INFO"
     log_format: Literal["text", "json"] = "text"
     # /metrics is served on the stream port without a token; give it a port of its own (bound
@@ -168,21 +181,21 @@ class Settings(BaseSettings):
 
     # --- end of the web page's settings.
 
-    @field_validator("tokens", "ui_tokens", mode="before")
+    @field_validator("tokens", "ui_tokens", "signalwire_signing_key", mode="before")
     @classmethod
     def _split_tokens(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [t.strip() for t in value.split(",") if t.strip()]
         return value
 
-    @field_validator("tokens", "ui_tokens")
+    @field_validator("tokens", "ui_tokens", "signalwire_signing_key")
     @classmethod
     def _check_tokens(cls, value: list[SecretStr]) -> list[SecretStr]:
         for token in value:
             secret = token.get_secret_value()
             # RFC 6750 b64token characters; anything else could not travel in the header.
             if len(secret) < 16 or not secret.isascii() or any(c.isspace() for c in secret):
-                raise ValueError("each token needs at least 16 printable ASCII characters")
+                raise ValueError("each one needs at least 16 printable ASCII characters")
         return value
 
     @field_validator("redis_url")
@@ -192,7 +205,7 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return value
 
-    @field_validator("upload_url", "webhook_url", "webhook_secret", mode="before")
+    @field_validator("upload_url", "webhook_url", "webhook_secret", "public_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         # docker compose passes ${VAR:-} as an empty string: that means "off", not a URL.
@@ -212,6 +225,28 @@ class Settings(BaseSettings):
         if value is not None and urlsplit(value).scheme not in ("http", "https"):
             raise ValueError("must be an http:// or https:// URL")
         return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an https:// (or http://) URL with a host")
+        if parts.query or parts.fragment or "@" in parts.netloc:
+            raise ValueError("takes no query, fragment or user part: only scheme, host, port, path")
+        return value.rstrip("/")
+
+    @property
+    def signing_key_values(self) -> list[str]:
+        """The plain signing keys, for checking callbacks only; never log them."""
+        return [k.get_secret_value() for k in self.signalwire_signing_key]
+
+    @property
+    def status_callback_url(self) -> str | None:
+        """``public_url`` + ``status_path``: where the platform is told to call, or None."""
+        return None if self.public_url is None else self.public_url + self.status_path
 
     @field_validator("webhook_secret")
     @classmethod

@@ -60,7 +60,11 @@ def add_streams_parser(sub: Any) -> None:
     create.add_argument(
         "--bearer-token", help="token the platform presents (default: first of RECEIVER_TOKENS)"
     )
-    create.add_argument("--status-callback", help="URL told when the stream starts/stops")
+    create.add_argument(
+        "--status-callback",
+        help="URL told when the stream starts, stops or fails (default: RECEIVER_PUBLIC_URL + "
+        "RECEIVER_STATUS_PATH when a public URL is set; '' for none)",
+    )
     create.add_argument(
         "--status-callback-method",
         choices=["GET", "POST"],
@@ -89,6 +93,9 @@ def run_streams(args: argparse.Namespace) -> int:
                         "give it, or set RECEIVER_TOKENS: without one the platform would "
                         "connect with no token and the receiver would refuse it (401)",
                     )
+                status_callback = args.status_callback
+                if status_callback is None:
+                    status_callback = _receiver_status_callback()
                 stream = client.create(
                     conference_sid=args.conference,
                     url=args.url,
@@ -98,7 +105,7 @@ def run_streams(args: argparse.Namespace) -> int:
                     real_time=args.real_time,
                     parameters=_params(args.param),
                     bearer_token=bearer_token,
-                    status_callback=args.status_callback,
+                    status_callback=status_callback or None,
                     status_callback_method=args.status_callback_method,
                 )
             else:
@@ -116,6 +123,8 @@ def run_streams(args: argparse.Namespace) -> int:
         print(f"{verb} stream {stream.sid} (name {stream.name}): {stream.status}")
         if stream.uri:
             print(f"  uri: {stream.uri}")
+        if args.action == "create" and status_callback:
+            print(f"  status callbacks: {status_callback}")
     return 0
 
 
@@ -158,6 +167,18 @@ def _params(pairs: list[str]) -> list[tuple[str, str]]:
         return parse_pairs(pairs)
     except ValueError as exc:
         raise StreamRequestInvalid("--param", str(exc)) from None
+
+
+def _receiver_status_callback() -> str | None:
+    """RECEIVER_PUBLIC_URL + RECEIVER_STATUS_PATH, so that one command wires both directions."""
+    from receiver.settings import load_settings
+
+    try:
+        return load_settings().status_callback_url
+    except ConfigError as exc:
+        if exc.variable in ("RECEIVER_PUBLIC_URL", "RECEIVER_STATUS_PATH"):
+            raise StreamRequestInvalid(exc.variable, exc.problem) from None
+        return None
 
 
 def _receiver_token() -> str | None:

@@ -262,6 +262,46 @@ def test_cli_create_prints_the_stream_and_sends_no_secret(
 
 
 @pytest.mark.parametrize(
+    ("flag", "sent"),
+    [
+        ([], "https://rec.example.com/signalwire/status"),
+        (["--status-callback", "https://hooks.example.com/s"], "https://hooks.example.com/s"),
+        (["--status-callback", ""], None),
+    ],
+    ids=["from-public-url", "flag", "none"],
+)
+def test_cli_create_points_status_callbacks_at_the_public_url(
+    fake: FakeSignalWire, tls_files: TlsFiles, flag: list[str], sent: str | None
+) -> None:
+    """With RECEIVER_PUBLIC_URL set, StatusCallback is it plus RECEIVER_STATUS_PATH (one command
+    wires both directions) unless --status-callback names another URL, or '' none."""
+    result = cli(
+        fake,
+        tls_files,
+        "create",
+        "--conference",
+        CONFERENCE,
+        "--url",
+        RECEIVER_URL,
+        *flag,
+        RECEIVER_PUBLIC_URL="https://rec.example.com/",
+    )
+    assert result.returncode == 0, result.stderr
+    form = dict(fake.requests[0].form)
+    assert form.get("StatusCallback") == sent
+    assert (f"status callbacks: {sent}" in result.stdout) == (sent is not None)
+
+
+def test_cli_create_without_a_public_url_sets_no_status_callback(
+    fake: FakeSignalWire, tls_files: TlsFiles
+) -> None:
+    """Without RECEIVER_PUBLIC_URL nothing is guessed: no StatusCallback is sent."""
+    result = cli(fake, tls_files, "create", "--conference", CONFERENCE, "--url", RECEIVER_URL)
+    assert result.returncode == 0, result.stderr
+    assert "StatusCallback" not in dict(fake.requests[0].form)
+
+
+@pytest.mark.parametrize(
     ("args", "words"),
     [
         (["--track", "sideways"], "invalid choice"),

@@ -45,6 +45,8 @@ def event_data(record: dict[str, Any]) -> dict[str, Any]:
     keep = (
         "stream_sid", "call_sid", "account_sid", "custom_parameters", "media_format", "codec",
         "started_at", "ended_at", "end", "status", "tracks", "files", "upload",
+        # What the platform's status callbacks said (receiver.status), when they are heard.
+        "conference_sid", "stream_name", "platform_call_sid", "platform_events",
     )  # fmt: skip
     data = {key: record[key] for key in keep if key in record}
     data["directory"] = record.get("directory")

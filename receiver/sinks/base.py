@@ -131,10 +131,14 @@ class StreamSummary:
     sink_errors: tuple[str, ...] = ()
     # Where the record sink put the files (not part of stream.json).
     directory: Path | None = None
+    # What the platform's status callbacks said of the stream (receiver.status:
+    # conference_sid, stream_name, platform_call_sid, platform_events), merged into as_dict.
+    platform: Mapping[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        """The stream's outcome, as ``stream.json`` records it."""
-        return {
+        """The stream's outcome, as ``stream.json`` records it (``platform``'s keys last; they
+        never replace one of the stream's own)."""
+        outcome = {
             "ended_at": self.ended_at.isoformat(),
             "end": {
                 "kind": self.end.kind,
@@ -154,6 +158,9 @@ class StreamSummary:
             "dropped": dict(self.dropped),
             "sink_errors": list(self.sink_errors),
         }
+        for key, value in self.platform.items():
+            outcome.setdefault(key, value)
+        return outcome
 
 
 class Sink(Protocol):
