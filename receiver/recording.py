@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, assert_never
+from typing import TYPE_CHECKING, Any, assert_never
 
 from websockets.frames import Close
 
@@ -38,6 +38,9 @@ from receiver.session import Session
 from receiver.settings import Settings
 from receiver.sinks import Fanout, SinkFactory, StreamInfo, StreamSummary
 from receiver.sinks.base import StreamEnd
+
+if TYPE_CHECKING:
+    from receiver.status import StatusCallbacks
 from receiver.text import shorten
 
 __all__ = ["StreamRecording", "end_for_close"]
@@ -72,8 +75,11 @@ class StreamRecording:
         path: str,
         query: str,
         remote: str | None,
+        platform: StatusCallbacks | None = None,
     ) -> None:
         self.settings = settings
+        # The platform's status callbacks for this stream, joined to its summary at the end.
+        self.platform = platform
         self.sink_factories = sink_factories
         self.counters = counters
         self.metrics = metrics
@@ -213,6 +219,8 @@ class StreamRecording:
             on_write_seconds=lambda name: write_seconds.labels(name).observe,
         )
         self.counters.add(Count.STREAMS)
+        if self.platform is not None:  # paired with stream_finished in finish()
+            self.platform.stream_started(start.stream_sid)
         self.log.info(
             "stream started: %s %d Hz, tracks %s",
             shorten(start.media_format.encoding),
@@ -285,6 +293,8 @@ class StreamRecording:
             end = self._recording_failed(RecordingFailed(fanout.errors))
         self.counters.add(Count.STREAMS_ENDED, end.kind)
         rate = session.rate if session else self.info.start.media_format.sample_rate_hz
+        sid = self.info.start.stream_sid
+        platform = self.platform.platform_fields(sid) if self.platform is not None else {}
 
         def summary(sink_errors: tuple[str, ...]) -> StreamSummary:
             return StreamSummary(
@@ -301,9 +311,12 @@ class StreamRecording:
                     "unknown_event_names": self.unknown_events_dropped,
                 },
                 sink_errors=sink_errors,
+                platform=platform,
             )
 
         await fanout.aclose(summary)  # stream.json is written off the event loop
+        if self.platform is not None:  # a callback from now on updates stream.json itself
+            await self.platform.stream_finished(sid, fanout.directory)
         stats = session.track_stats if session else {}
         duration_s = (datetime.now(UTC) - self.info.started_at).total_seconds()
         self.metrics.stream_finished(session.codec.name if session else "none", stats, duration_s)

@@ -46,6 +46,7 @@ from receiver.session import Session
 from receiver.settings import Settings
 from receiver.sinks import SinkFactory, sink_factories_for
 from receiver.sinks.base import Lifecycle, StreamEnd
+from receiver.status import StatusCallbacks
 
 logger = logging.getLogger("receiver.server")
 
@@ -78,8 +79,10 @@ class Receiver:
         self._check_token = TokenChecker(settings.token_values)
         self._listener: Listener | None = None
         self._port: StreamPort | None = None
+        # The platform's status callbacks (POST on the stream port), joined to each stream.
+        self.status = StatusCallbacks.from_settings(settings, counters=self.counters)
         # Plain HTTP routes of the stream port besides /healthz and /metrics (by path).
-        self.routes: dict[str, Route] = {}
+        self.routes: dict[str, Route] = {settings.status_path: self.status.route()}
         self._metrics_server: Any = None
         self._handlers: set[asyncio.Task[Any]] = set()
         self._streams: set[StreamHandler] = set()
@@ -370,6 +373,7 @@ class StreamHandler:
             path=target.path,
             query=target.query,
             remote=ws.peer_ip,
+            platform=receiver.status,
         )
         self.on_finished: Callable[[], None] = lambda: None
 

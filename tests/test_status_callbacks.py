@@ -711,7 +711,6 @@ def test_signing_keys_public_url_and_status_path_settings() -> None:
 # End to end over the real TLS port (needs the stream port's router, issue 13).
 
 
-@pytest.mark.skip(reason="needs the router of issue 13")
 async def test_status_callbacks_over_the_tls_port(
     start_receiver: Callable[..., Any], client_ssl: ssl.SSLContext, recordings: Path
 ) -> None:
