@@ -95,6 +95,7 @@ class Fanout:
             {name: on_write_seconds(name) for name, _ in sinks} if on_write_seconds else {}
         )
         self._live = list(sinks)
+        self._alive = self._records()
         self._logger = logger
         self._on_error = on_error
         self.errors: list[str] = []
@@ -105,6 +106,9 @@ class Fanout:
 
         Sinks that only watch (``observer = True``, like the web page's levels) do not count.
         """
+        return self._alive  # asked after every batch: kept up to date by _fail
+
+    def _records(self) -> bool:
         return any(not getattr(sink, "observer", False) for _, sink in self._live)
 
     @property
@@ -191,3 +195,4 @@ class Fanout:
         self._logger.error("%s during %s", error, step)
         self._on_error(name)
         self._live = [(n, s) for n, s in self._live if s is not sink]
+        self._alive = self._records()
