@@ -22,8 +22,9 @@ buys nothing there and would only slow it down.
 
 While a stream is live, what the protocol sends by itself once the connection is closing (its
 echo of a client's close, its close for a refused frame or a lost keepalive) waits until the
-handler calls ``release()`` after finishing the files, and so do the bytes the client sends
-after the consumer ended the stream: a client that sees the close finds every file complete.
+handler calls ``release()`` after finishing the files (a client's half-close keeps the
+transport open for it), and reading pauses once the consumer ended the stream: a client that
+sees the close finds every file complete.
 
 Bounds: a read is handed on in slices of ``_SLICE_BYTES`` and yields the loop once it has taken
 ``_TICK_BUDGET_S``; reading pauses while ``_PAUSE_AT_BYTES`` of messages wait for the
@@ -240,7 +241,7 @@ class Connection(asyncio.Protocol):
         self._outcome: asyncio.Future[Any] | None = None
         self._live = False  # a handler reads the stream: the protocol's closes wait
         self._ended = False  # the consumer ended the stream (returned or raised)
-        self._held = bytearray()  # what came after that, until release()
+        self._peer_eof = False  # the client half-closed (TCP FIN or TLS close_notify)
         self._deferred: list[bytes] = []
         self._eof_sent = False
         self._closed: asyncio.Future[None] = self.loop.create_future()
@@ -289,19 +290,22 @@ class Connection(asyncio.Protocol):
                     self._coalescing = True
                     self.port.ticks.defer(self)
                     self._update_reading()
-        if self._tls is not None and self._tls.peer_closed:
-            self.eof_received()
+        closed_tls = self._tls is not None and self._tls.peer_closed and not self._peer_eof
+        if closed_tls and not self.eof_received():
             self.transport.close()
 
     def eof_received(self) -> bool | None:
+        """The client is done sending. A live stream keeps the transport half-open: what the
+        protocol answers (its close) waits for the files, as always."""
+        self._peer_eof = True
         if self.phase is Phase.WEBSOCKET:
             self._drain_backlog()
-            self.release()  # the client is gone: the protocol reports what is incomplete
             assert self.protocol is not None
-            self.protocol.receive_eof()
+            self.protocol.receive_eof()  # the protocol reports what is incomplete
             self._send_protocol_data()
             self._wake()
-        elif self.phase is Phase.HTTP and self._http is not None:
+            return self._live or None
+        if self.phase is Phase.HTTP and self._http is not None:
             self._http.receive_eof()
         return None  # the transport closes
 
@@ -384,7 +388,9 @@ class Connection(asyncio.Protocol):
         self._eof_sent = True
         if self._tls is not None:
             self.transport.write(self._tls.close_notify())
-        if self.transport.can_write_eof():
+        if self._peer_eof:  # both sides are done: close once what is buffered is sent
+            self.transport.close()
+        elif self.transport.can_write_eof():
             try:
                 self.transport.write_eof()
             except (OSError, RuntimeError):
@@ -552,10 +558,6 @@ class Connection(asyncio.Protocol):
             self._receive(bytes(backlog))
 
     def _receive(self, data: bytes) -> None:
-        if self._ended and self._live:
-            self._held += data
-            self._update_reading()
-            return
         frames = self._frames
         if frames is None:
             self._feed_protocol(data)
@@ -627,9 +629,11 @@ class Connection(asyncio.Protocol):
             end = consumer(messages)
         except BaseException:
             self._ended = True
+            self._update_reading()
             raise
         if end is not None:
-            self._ended = True
+            self._ended = True  # what comes next is not read until release()
+            self._update_reading()
         return end
 
     # WebSocket: what the protocol sends
@@ -738,8 +742,8 @@ class Connection(asyncio.Protocol):
         return kind(rcvd, sent, then)
 
     def release(self) -> None:
-        """Files finished (or the client gone): what the protocol sent meanwhile goes out, it
-        gets every byte held, and reading goes on."""
+        """Files finished (or the client gone): what the protocol sent meanwhile goes out, and
+        reading goes on (what comes now is only the close handshake's)."""
         self._drain_backlog()
         if not self._live:
             return
@@ -747,12 +751,6 @@ class Connection(asyncio.Protocol):
         deferred, self._deferred = self._deferred, []
         if deferred:
             self._write_frames(deferred)
-        held = bytearray(self._frames.buffered) if self._frames is not None else bytearray()
-        self._frames = None  # the protocol parses everything from here on
-        held += self._held
-        self._held = bytearray()
-        if held and self.protocol is not None and self.phase is not Phase.CLOSED:
-            self._feed_protocol(bytes(held))
         if self.phase is not Phase.CLOSED:
             self._update_reading()
 

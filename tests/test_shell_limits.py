@@ -23,9 +23,11 @@ from receiver.logs import JsonFormatter
 from receiver.metrics import COUNTERS
 from receiver.server import Receiver
 from receiver.simulate import build_messages
+from receiver.sinks.wav import WavSink
+from tests.support.audio import read_wav
 from tests.support.commands import free_port
 from tests.support.http import http_get
-from tests.support.receiver import TOKEN, StartReceiver, url, wait_idle
+from tests.support.receiver import TOKEN, StartReceiver, make_settings, url, wait_idle
 from tests.support.recordings import record_of, recording
 from tests.support.waits import until
 from tests.support.wire import read_close, read_head, start_frame, upgrade_request, ws_frame
@@ -138,6 +140,59 @@ async def test_closes_websockets_sends_itself_come_after_the_files(
     writer.transport.abort()
     assert code == int(bad[-4:])
     assert status == "complete"
+
+
+class SlowToClose:
+    """A sink that takes its time to finish (the wav sink, which writes stream.json, closes
+    after it): a close answered before the files would find no stream.json."""
+
+    location = None
+    writes_record = False
+
+    def open(self, info: Any) -> None:
+        pass
+
+    def write(self, track: Any, position: int, samples: Any) -> None:
+        pass
+
+    def event(self, record: Any) -> None:
+        pass
+
+    def close(self, summary: Any) -> None:
+        pass
+
+    async def aclose(self, summary: Any) -> None:
+        await asyncio.sleep(0.5)
+
+
+async def test_a_client_that_half_closes_gets_its_close_after_the_files(tmp_path: Path) -> None:
+    """stop, a close frame, then the client's FIN (a TCP half-close, on a plain receiver: TLS
+    streams in asyncio cannot half-close): the transport stays open, and the close is answered
+    once the files are finished, sample-exact."""
+    (tmp_path / "recordings").mkdir()
+    factories = [("wav", WavSink.from_settings), ("slow", lambda settings: SlowToClose())]
+    receiver = Receiver(
+        make_settings(tmp_path / "recordings"), ssl_context=None, sink_factories=factories
+    )
+    await receiver.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", receiver.port)
+        writer.write(upgrade_request("/media", TOKEN))
+        assert await read_head(reader) == 101
+        audio = PCMU.encode(np.arange(-3200, 3200, 2, dtype=np.int16))
+        messages = build_messages(codec=PCMU, tracks={"inbound": audio}, stream_sid="half")
+        close = ws_frame(opcode=Opcode.CLOSE, payload=(1000).to_bytes(2, "big"))
+        writer.write(raw_frames(messages) + close)
+        writer.write_eof()
+        async with asyncio.timeout(10):
+            code, _ = await read_close(reader)
+        status = record_of(recording(receiver, "half"))["status"]
+        assert (code, status) == (1000, "complete")
+        samples, _ = read_wav(recording(receiver, "half") / "inbound.wav")
+        np.testing.assert_array_equal(samples, PCMU.decode(audio))
+        writer.close()
+    finally:
+        await receiver.shutdown(drain_timeout_s=0)
 
 
 async def test_server_close_does_not_linger_while_the_client_keeps_sending(
