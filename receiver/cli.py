@@ -35,6 +35,8 @@ from receiver.text import parse_pairs
 __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("receiver")
+# How long a thread may hold the GIL while another waits (Python's default: 5 ms); see _serve.
+_SWITCH_INTERVAL_S = 0.0005
 
 DESCRIPTION = """\
 Record SignalWire (Twilio-compatible) media streams: a wss:// endpoint that checks a bearer
@@ -253,6 +255,11 @@ def _serve(args: argparse.Namespace) -> int:
     # collector's sight, a full collection (the memory trim's after a wave of connections, and
     # Python's own) walks only what streams made: 49-70 ms -> see the trim's log line.
     gc.freeze()
+    # The threads that finish streams (stream.json, FLAC) and the event loop share the GIL:
+    # the loop gives it up at every syscall and waits up to the switch interval (5 ms) to get
+    # it back while a thread works, so 150 streams ending at once held a live stream's pings
+    # 311-422 ms; at 0.5 ms, 158-175 ms (tests/test_chaos.py, many streams at the fd limit).
+    sys.setswitchinterval(_SWITCH_INTERVAL_S)
     return _event_loop_runner(settings.event_loop)(ui.serving(run) if ui else run)
 
 

@@ -83,6 +83,8 @@ _BIG_READ_BYTES = 64 * 1024
 # thread, and each read copies its plaintext out before the next).
 _PLAINTEXT = bytearray(256 * 1024)
 _PLAINTEXT_VIEW = memoryview(_PLAINTEXT)
+# TLS handshakes a loop round may spend before the rest wait for the next round.
+_HANDSHAKES_A_ROUND_S = 0.010
 # Coalesced reads are resumed in this many slots an interval, so that the connections' reads
 # stay spread over the interval instead of all coming due at one instant.
 _SLOTS_AN_INTERVAL = 8
@@ -180,6 +182,32 @@ class ReadTicks:
             connection.tick()
 
 
+class HandshakeBudget:
+    """The TLS handshakes' share of one loop round: past ``budget_s`` (a handshake costs ~1 ms
+    of RSA or ECDSA), the next ones wait for the next round, so that a storm of connects is
+    spread over rounds and the streams' reads and pings get theirs in between."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, budget_s: float = _HANDSHAKES_A_ROUND_S):
+        self._loop = loop
+        self._budget_s = budget_s
+        self._spent_s = 0.0
+        self._reset_due = False
+
+    @property
+    def exhausted(self) -> bool:
+        return self._spent_s >= self._budget_s
+
+    def spend(self, seconds: float) -> None:
+        self._spent_s += seconds
+        if not self._reset_due:
+            self._reset_due = True
+            self._loop.call_soon(self._reset)
+
+    def _reset(self) -> None:
+        self._spent_s = 0.0
+        self._reset_due = False
+
+
 @dataclass(eq=False)
 class StreamPort:
     """What every connection of the stream port shares: limits, routes, the gate, callbacks."""
@@ -197,6 +225,7 @@ class StreamPort:
     ws_logger: LoggerLike = field(default_factory=lambda: logging.getLogger("websockets.server"))
     connections: set[Connection] = field(default_factory=set)
     ticks: ReadTicks | None = None
+    handshakes: HandshakeBudget | None = None
 
     def body_limit(self, method: str, path: str) -> int:
         route = self.routes.get(path)
@@ -242,6 +271,7 @@ class Connection(asyncio.Protocol):
         self._live = False  # a handler reads the stream: the protocol's closes wait
         self._ended = False  # the consumer ended the stream (returned or raised)
         self._peer_eof = False  # the client half-closed (TCP FIN or TLS close_notify)
+        self._handshake_waiting = bytearray()  # TLS bytes waiting for the next loop round
         self._deferred: list[bytes] = []
         self._eof_sent = False
         self._closed: asyncio.Future[None] = self.loop.create_future()
@@ -261,6 +291,11 @@ class Connection(asyncio.Protocol):
             return
         plain = data
         if self._tls is not None:
+            budget = self.port.handshakes if self.phase is Phase.TLS else None
+            if budget is not None and budget.exhausted:
+                self._handshake_later(data)
+                return
+            started = time.perf_counter()
             try:
                 plain = self._tls.receive(data)
             except ssl.SSLError as exc:
@@ -271,6 +306,8 @@ class Connection(asyncio.Protocol):
                 return
             self._flush_tls()
             if self.phase is Phase.TLS:
+                if budget is not None:
+                    budget.spend(time.perf_counter() - started)
                 if not self._tls.established:
                     return
                 self.phase = Phase.HTTP
@@ -293,6 +330,21 @@ class Connection(asyncio.Protocol):
         closed_tls = self._tls is not None and self._tls.peer_closed and not self._peer_eof
         if closed_tls and not self.eof_received():
             self.transport.close()
+
+    def _handshake_later(self, data: bytes) -> None:
+        """This round's handshake budget is spent: ``data`` waits for the next round."""
+        self._handshake_waiting += data
+        self._reading = False
+        self.transport.pause_reading()
+        if len(self._handshake_waiting) == len(data):
+            self.loop.call_soon(self._handshake_now)
+
+    def _handshake_now(self) -> None:
+        data, self._handshake_waiting = bytes(self._handshake_waiting), bytearray()
+        if self.phase is Phase.CLOSED:
+            return
+        self._update_reading()
+        self.data_received(data)
 
     def eof_received(self) -> bool | None:
         """The client is done sending. A live stream keeps the transport half-open: what the

@@ -29,7 +29,7 @@ from receiver.auth import (
     metrics_route,
     stream_gate,
 )
-from receiver.connection import Connection, ReadTicks, StreamPort
+from receiver.connection import Connection, HandshakeBudget, ReadTicks, StreamPort
 from receiver.exceptions import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_POLICY_VIOLATION,
@@ -182,6 +182,7 @@ class Receiver:
             routes=routes,
             ws_logger=QuietInfo(logging.getLogger("websockets.server")),
             ticks=ReadTicks(asyncio.get_running_loop(), interval_s) if interval_s else None,
+            handshakes=HandshakeBudget(asyncio.get_running_loop()),
         )
 
         def make_connection(handshake: PendingHandshake) -> Connection:
