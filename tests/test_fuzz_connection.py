@@ -10,7 +10,8 @@ a real ``ConnectionGate``, the real bearer gate, ``ReadTicks``); so is the clien
 is written and honours pause/resume as asyncio's does: asyncio's transport is not ours.
 Not covered here: timers (handshake, keepalive, close timeouts never fire), a client that
 does not read (the write buffer is always empty), our close racing the client's frames (the
-handler closes once every byte is in), malformed HTTP and refused tokens (tests/test_web*).
+handler closes once every byte is in), malformed HTTP and refused tokens (see test_e2e and
+test_shell_limits).
 """
 
 from __future__ import annotations
