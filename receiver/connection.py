@@ -313,9 +313,9 @@ class Connection(asyncio.Protocol):
                 self.phase = Phase.HTTP
         if plain:
             if self.phase is Phase.HTTP:
-                assert self._http is not None
-                self._http.receive(plain)
-                self._serve_http()
+                if self._http is not None:  # None: answered and closing; the rest is dropped
+                    self._http.receive(plain)
+                    self._serve_http()
             elif self.phase is Phase.WEBSOCKET:
                 if self._backlog is not None:
                     self._backlog += plain  # came while the loop is yielded: it waits its turn
@@ -636,16 +636,19 @@ class Connection(asyncio.Protocol):
             if opcode is Opcode.PONG:
                 self._pong(bytes(frame.data))
             elif opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
-                self._assemble(frame)
+                utf8 = self._assemble(frame)
+                if not utf8:
+                    break  # failed (1007): no message after it is read, as with websockets
         self._send_protocol_data()
         if protocol.state is not State.OPEN:
             self._wake()
 
-    def _assemble(self, frame: Frame) -> None:
-        """A message from frames the splitter left to websockets (fragmented, binary)."""
+    def _assemble(self, frame: Frame) -> bool:
+        """A message from frames the splitter left to websockets (fragmented, binary); False
+        if it is text that is not UTF-8 (the connection is failed)."""
         self._fragments.append(frame)
         if not frame.fin:
-            return  # websockets bounds the message's size as its fragments come
+            return True  # websockets bounds the message's size as its fragments come
         fragments, self._fragments = self._fragments, []
         payload = b"".join(bytes(f.data) for f in fragments)
         message: Data = payload
@@ -655,8 +658,9 @@ class Connection(asyncio.Protocol):
             except UnicodeDecodeError as exc:
                 assert self.protocol is not None
                 self.protocol.fail(1007, f"{exc.reason} at position {exc.start}")
-                return
+                return False
         self._deliver([message], len(payload))
+        return True
 
     def _deliver(self, messages: Sequence[Data], size: int) -> None:
         """To the consumer now if it waits, else kept in order for ``consume``."""
