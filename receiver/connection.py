@@ -135,7 +135,8 @@ class TlsSession:
             except ssl.SSLZeroReturnError:
                 self.peer_closed = True
                 break
-            if not count:
+            if not count:  # the client's close_notify (CPython returns no bytes for it)
+                self.peer_closed = True
                 break
             filled += count
         if not chunks:
@@ -327,8 +328,21 @@ class Connection(asyncio.Protocol):
                     self._coalescing = True
                     self.port.ticks.defer(self)
                     self._update_reading()
-        closed_tls = self._tls is not None and self._tls.peer_closed and not self._peer_eof
-        if closed_tls and not self.eof_received():
+        if self._tls is not None and self._tls.peer_closed and not self._peer_eof:
+            self._tls_closed()
+
+    def _tls_closed(self) -> None:
+        """The client's close_notify: its end, as a FIN is (which may follow it)."""
+        self._peer_eof = True
+        if self.phase is Phase.WEBSOCKET:
+            if not self._websocket_eof():
+                self.transport.close()
+        elif self.phase is Phase.HTTP and self._http is not None:
+            # Requests that came before it are answered, then the connection closes; an
+            # upgrade among them hands the end on to the WebSocket.
+            self._http.receive_eof()
+            self._serve_http()
+        else:
             self.transport.close()
 
     def _handshake_later(self, data: bytes) -> None:
@@ -351,15 +365,18 @@ class Connection(asyncio.Protocol):
         protocol answers (its close) waits for the files, as always."""
         self._peer_eof = True
         if self.phase is Phase.WEBSOCKET:
-            self._drain_backlog()
-            assert self.protocol is not None
-            self.protocol.receive_eof()  # the protocol reports what is incomplete
-            self._send_protocol_data()
-            self._wake()
-            return self._live or None
+            return self._websocket_eof()
         if self.phase is Phase.HTTP and self._http is not None:
             self._http.receive_eof()
         return None  # the transport closes
+
+    def _websocket_eof(self) -> bool | None:
+        self._drain_backlog()
+        assert self.protocol is not None
+        self.protocol.receive_eof()  # the protocol reports what is incomplete
+        self._send_protocol_data()
+        self._wake()
+        return self._live or None  # True: keep the transport for the close after the files
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._drain_backlog()
@@ -487,6 +504,8 @@ class Connection(asyncio.Protocol):
         while self.phase is Phase.HTTP and self._route_task is None and self._http is not None:
             item = self._http.next()
             if item is None:
+                if self._peer_eof and self._route_task is None:
+                    self._close_http()  # every request the client sent is answered
                 return
             if isinstance(item, Malformed):
                 self._refuse_malformed(item)
@@ -579,6 +598,8 @@ class Connection(asyncio.Protocol):
         port.on_open(self)
         if rest:
             self._receive(rest)
+        if self._peer_eof and not self._websocket_eof():  # the client ended with its request
+            self.transport.close()
 
     # WebSocket: reading
 

@@ -824,15 +824,9 @@ async def test_no_message_is_read_after_one_that_is_not_utf8() -> None:
     assert transport.eof_written
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TlsSession.receive takes the b'' CPython's SSLObject.read returns for a "
-    "close_notify for 'no more data yet': peer_closed stays False until we sent ours "
-    "(the lead's call: see the report for the fix and what the property found with it)",
-)
 async def test_the_clients_close_notify_ends_the_connection(tls_files: TlsFiles) -> None:
     """The client's TLS close_notify ends the connection as its FIN would (CPython's
-    SSLObject.read returns b"" for it, which TlsSession takes for "no more data yet")."""
+    SSLObject.read returns no bytes for it, not SSLZeroReturnError)."""
     gate = connection_gate()
     context = server_context(tls_files.cert, tls_files.key)
     conn, transport = open_connection(
@@ -844,8 +838,10 @@ async def test_the_clients_close_notify_ends_the_connection(tls_files: TlsFiles)
         client.receive(transport.take())
     client.receive(transport.take())
     assert client.received.startswith(b"HTTP/1.1 101 ")
-    assert transport.closing  # no FIN needed
-    await asyncio.sleep(0)
-    assert transport.lost and gate.pending == 0
     with pytest.raises(ConnectionClosedError):
         await conn.consume(lambda batch: None)
+    assert not transport.closing  # a live stream's transport waits for its handler
+    conn.release()  # the files are finished: the connection closes, no FIN needed
+    assert transport.closing
+    await asyncio.sleep(0)
+    assert transport.lost and gate.pending == 0
