@@ -272,7 +272,8 @@ class Connection(asyncio.Protocol):
         self._live = False  # a handler reads the stream: the protocol's closes wait
         self._ended = False  # the consumer ended the stream (returned or raised)
         self._peer_eof = False  # the client half-closed (TCP FIN or TLS close_notify)
-        self._handshake_waiting = bytearray()  # TLS bytes waiting for the next loop round
+        self._handshake_waiting = bytearray()  # bytes of an opening, waiting for a later round
+        self._opening = False  # a stream whose first read is still to come
         self._deferred: list[bytes] = []
         self._eof_sent = False
         self._closed: asyncio.Future[None] = self.loop.create_future()
@@ -290,13 +291,24 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.phase is Phase.CLOSED:
             return
+        # Opening a stream (its TLS handshake, then its first read: the start, the first files)
+        # counts against the loop round's budget; the reads that follow do not.
+        budget = self.port.handshakes if self.phase is Phase.TLS or self._opening else None
+        if budget is None:
+            self._receive_data(data)
+            return
+        if budget.exhausted:
+            self._handshake_later(data)
+            return
+        started = time.perf_counter()
+        try:
+            self._receive_data(data)
+        finally:
+            budget.spend(time.perf_counter() - started)
+
+    def _receive_data(self, data: bytes) -> None:
         plain = data
         if self._tls is not None:
-            budget = self.port.handshakes if self.phase is Phase.TLS else None
-            if budget is not None and budget.exhausted:
-                self._handshake_later(data)
-                return
-            started = time.perf_counter()
             try:
                 plain = self._tls.receive(data)
             except ssl.SSLError as exc:
@@ -307,8 +319,6 @@ class Connection(asyncio.Protocol):
                 return
             self._flush_tls()
             if self.phase is Phase.TLS:
-                if budget is not None:
-                    budget.spend(time.perf_counter() - started)
                 if not self._tls.established:
                     return
                 self.phase = Phase.HTTP
@@ -324,6 +334,7 @@ class Connection(asyncio.Protocol):
                     self._receive(plain)
                 else:
                     self._receive_sliced(plain)
+                self._opening = False
                 if self.port.ticks is not None and len(data) < _BIG_READ_BYTES:
                     self._coalescing = True
                     self.port.ticks.defer(self)
@@ -346,7 +357,7 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
     def _handshake_later(self, data: bytes) -> None:
-        """This round's handshake budget is spent: ``data`` waits for the next round."""
+        """This round's budget for openings is spent: ``data`` waits for the next round."""
         self._handshake_waiting += data
         self._reading = False
         self.transport.pause_reading()
@@ -593,6 +604,7 @@ class Connection(asyncio.Protocol):
         )
         self._frames = TextFrames(max_size=port.max_message_bytes)
         self._live = True
+        self._opening = True  # until its first read
         self.handshake_over()
         self._ping = self.loop.call_later(port.ping_interval_s, self._send_ping)
         port.on_open(self)
@@ -626,6 +638,9 @@ class Connection(asyncio.Protocol):
 
     def _drain_backlog(self) -> None:
         """The connection ends: what waits of a read is handed on at once, never lost."""
+        waiting, self._handshake_waiting = self._handshake_waiting, bytearray()
+        if waiting and self.phase is Phase.WEBSOCKET:  # a first read, behind others' openings
+            self._receive_data(bytes(waiting))
         backlog, self._backlog = self._backlog, None
         if backlog:
             self._receive(bytes(backlog))
