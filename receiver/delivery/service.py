@@ -312,9 +312,9 @@ class Delivery:
                 data=event_data(record),
             )
             self._webhook_wake.set()
-        await asyncio.to_thread(path.unlink, missing_ok=True)
-        if self.delete_local:
+        if self.delete_local:  # before the item goes: until then the stream is not delivered
             await asyncio.to_thread(shutil.rmtree, directory, ignore_errors=True)
+        await asyncio.to_thread(path.unlink, missing_ok=True)
 
     async def _webhook_worker(self) -> None:
         assert self.dirs is not None and self.sender is not None and self.metrics is not None
