@@ -358,10 +358,10 @@ class Connection(asyncio.Protocol):
 
     def _handshake_later(self, data: bytes) -> None:
         """This round's budget for openings is spent: ``data`` waits for the next round."""
+        first = not self._handshake_waiting
         self._handshake_waiting += data
-        self._reading = False
-        self.transport.pause_reading()
-        if len(self._handshake_waiting) == len(data):
+        self._update_reading()
+        if first:
             self.loop.call_soon(self._handshake_now)
 
     def _handshake_now(self) -> None:
@@ -494,6 +494,7 @@ class Connection(asyncio.Protocol):
             or self._ready_bytes > _PAUSE_AT_BYTES
             or (self._ended and self._live)
             or self._route_task is not None
+            or bool(self._handshake_waiting)
         )
         if want is self._reading or self.transport.is_closing():
             return

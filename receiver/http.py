@@ -36,7 +36,6 @@ class HttpRequest:
     body: bytes = b""
     peer_ip: str = "unknown"
     tls: bool = True
-    local_port: int | None = None
 
     @property
     def path(self) -> str:
@@ -182,16 +181,7 @@ class HttpParser:
     def respond(self, response: HttpResponse) -> bytes:
         """``response`` as bytes on the wire; ``must_close`` tells whether to close after it."""
         self._requests_left -= 1
-        close = response.close or self._requests_left <= 0
-        headers = [
-            ("Date", formatdate(usegmt=True)),
-            ("Server", SERVER_NAME),
-            ("Content-Type", response.content_type),
-            ("Content-Length", str(len(response.body))),
-            *response.headers,
-        ]
-        if close:
-            headers.append(("Connection", "close"))
+        headers = _head_fields(response, close=response.close or self._requests_left <= 0)
         try:
             out = self._h11.send(
                 h11.Response(status_code=response.status, headers=headers, reason=response.reason)
@@ -214,16 +204,23 @@ class HttpParser:
 
 def serialize_closing(response: HttpResponse) -> bytes:
     """``response`` with ``Connection: close``, without an h11 exchange (a malformed request)."""
-    head = [
-        f"HTTP/1.1 {response.status} {response.reason}",
-        f"Date: {formatdate(usegmt=True)}",
-        f"Server: {SERVER_NAME}",
-        f"Content-Type: {response.content_type}",
-        f"Content-Length: {len(response.body)}",
-        *(f"{name}: {value}" for name, value in response.headers),
-        "Connection: close",
-    ]
+    head = [f"HTTP/1.1 {response.status} {response.reason}"]
+    head += (f"{name}: {value}" for name, value in _head_fields(response, close=True))
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + response.body
+
+
+def _head_fields(response: HttpResponse, *, close: bool) -> list[tuple[str, str]]:
+    """The header fields of every answer: ours, the route's, and ``Connection: close``."""
+    fields = [
+        ("Date", formatdate(usegmt=True)),
+        ("Server", SERVER_NAME),
+        ("Content-Type", response.content_type),
+        ("Content-Length", str(len(response.body))),
+        *response.headers,
+    ]
+    if close:
+        fields.append(("Connection", "close"))
+    return fields
 
 
 def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:

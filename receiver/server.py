@@ -16,7 +16,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import urlsplit
 
 from prometheus_client import start_wsgi_server
 from websockets.exceptions import ConnectionClosed
@@ -365,14 +364,14 @@ class StreamHandler:
         self.counters = receiver.counters
         self.ws = ws
         request = ws.request
-        target = urlsplit(request.target if request is not None else "/")
+        assert request is not None, "a stream's handler starts after its upgrade"
         self.recording = StreamRecording(
             receiver.settings,
             receiver.sink_factories,
             counters=receiver.counters,
             metrics=receiver.metrics,
-            path=target.path,
-            query=target.query,
+            path=request.path,
+            query=request.query,
             remote=ws.peer_ip,
             platform=receiver.status,
         )
