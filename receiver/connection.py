@@ -45,7 +45,7 @@ import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, ConnectionClosedOK
@@ -124,12 +124,15 @@ class TlsSession:
         size = len(buffer)
         filled = 0
         chunks: list[bytes] = []
-        while incoming.pending or tls.pending():
+        # Records are read while ciphertext waits; decrypted bytes wait inside the TLS object
+        # only when a read filled the buffer (or the handshake's last read brought some).
+        more = incoming.pending or tls.pending()
+        while more:
             if filled == size:
                 chunks.append(bytes(buffer))
                 filled = 0
             try:
-                count = cast(int, tls.read(size - filled, view[filled:]))  # into the view
+                count: int = tls.read(size - filled, view[filled:])  # type: ignore[assignment]
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
@@ -139,6 +142,7 @@ class TlsSession:
                 self.peer_closed = True
                 break
             filled += count
+            more = incoming.pending or filled == size
         if not chunks:
             return bytes(view[:filled])
         chunks.append(bytes(view[:filled]))

@@ -166,6 +166,7 @@ class _MediaMessage(msgspec.Struct):
 
 
 _JSON = msgspec.json.Decoder()
+_new_media = tuple.__new__
 _MEDIA = msgspec.json.Decoder(_MediaMessage)
 
 
@@ -197,7 +198,10 @@ def _fast_media(text: str) -> Media | None:
             and digits.isdigit()
             and digits.isascii()
         ):
-            return Media(track, body.payload, int(chunk), int(timestamp), int(sequence))
+            # tuple.__new__, as NamedTuple._make does: the generated __new__ is Python.
+            return _new_media(
+                Media, (track, body.payload, int(chunk), int(timestamp), int(sequence))
+            )
         return None
     chunk, timestamp, sequence = _number(chunk), _number(timestamp), _number(sequence)
     if -1 in (chunk, timestamp, sequence):
