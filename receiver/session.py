@@ -204,9 +204,9 @@ class Session:
             and timestamp is not None
         ):
             # Nearly every frame: the next chunk, as long as the last frame, stamped within its
-            # tolerance of the cursor and not wholly behind where the last frame went. What the
-            # general path below does for such a frame, in half the time (``python -m
-            # bench.core``); tests/test_session.py holds the two paths to the same results.
+            # tolerance of the cursor and not wholly behind where the last frame went: what the
+            # general path below does with it, in fewer steps (``python -m bench.core`` prints
+            # both and their ratio). tests/test_fuzz_session.py holds the two paths equal.
             cursor = clock.cursor
             target = timestamp * self.rate // 1000 - clock.offset
             delta = target - cursor
