@@ -244,6 +244,9 @@ class Session:
         n = size // bytes_per_sample
         if clock is None:
             clock = self._tracks[track] = _TrackClock(self.max_silence_samples)
+        # Until this frame is placed, the next one takes this path too: a frame dropped below
+        # as a duplicate may still have moved last_chunk.
+        clock.next_chunk = None
         stats = clock.stats
         cursor = clock.cursor
         last_chunk = stats.last_chunk
