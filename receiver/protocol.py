@@ -166,8 +166,8 @@ class _MediaMessage(msgspec.Struct):
 
 
 _JSON = msgspec.json.Decoder()
-_new_media = tuple.__new__
 _MEDIA = msgspec.json.Decoder(_MediaMessage)
+_new_media = tuple.__new__
 
 
 def _fast_media(text: str) -> Media | None:

@@ -341,8 +341,6 @@ class Session:
             clock.frame_bytes = size
             clock.frame_samples = size // bytes_per_sample
             clock.frame_tolerance = tolerance
-        else:
-            clock.next_chunk = None
         pending = clock.pending
         if not pending:
             clock.pending_start = cursor
