@@ -18,6 +18,7 @@ import json
 import logging
 import tempfile
 import timeit
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -130,6 +131,32 @@ def frame_parsers(frames: int) -> tuple[float, float]:
     return per_call_us(websockets_parse, 5) / frames, per_call_us(split, 5) / frames
 
 
+def speedups(frame: str, frames: int) -> tuple[float, float, float, float]:
+    """Microseconds per media frame, C then Python: the splitter (32 KiB reads), the parser."""
+    from receiver import _speedups
+    from receiver.frames import _split_python
+    from receiver.protocol import _python_fast_media
+
+    each = media_frames(frames // 2)
+    per_read = 32768 // len(each[0])  # whole frames a read: each read starts on a frame
+    reads = [b"".join(each[i : i + per_read]) for i in range(0, len(each), per_read)]
+
+    def splitting(split: Callable[..., tuple[int, bool]]) -> float:
+        def run() -> None:
+            for data in reads:
+                split(data, 65536, [], [])
+
+        return per_call_us(run, 5) / frames
+
+    n = 100_000
+    return (
+        splitting(_speedups.split_frames),
+        splitting(_split_python),
+        per_call_us(lambda: _speedups.media(frame, Media), n),
+        per_call_us(lambda: _python_fast_media(frame), n),
+    )
+
+
 def wav_writers(directory: Path, files: int = 40, batches: int = 300) -> tuple[float, float]:
     """Microseconds per 200 ms batch over ``files`` files in turn: libsndfile, Pcm16Wav."""
     samples = (np.arange(1600) % 200).astype(np.int16)
@@ -199,11 +226,17 @@ def main() -> None:
         file.close()
         libsndfile, pcm16 = wav_writers(Path(tmp))
     websockets_frame, split_frame = frame_parsers(4000)
+    c_split, python_split, c_media, python_media = speedups(frame, 4000)
     decode = per_call_us(lambda: base64.b64decode(payload), n)
     print(f"core (protocol + session + wav sink): {whole:.2f} us/frame (best of 3)")
     print(
         f"frame parsing, media frame: websockets {websockets_frame:.2f} us; TextFrames "
         f"{split_frame:.2f} us; ratio {websockets_frame / split_frame:.2f}"
+    )
+    print(
+        f"receiver._speedups (C) against its Python twins, media frame: split {c_split:.3f} "
+        f"us vs {python_split:.3f} us, ratio {python_split / c_split:.1f}; parse "
+        f"{c_media:.3f} us vs {python_media:.3f} us, ratio {python_media / c_media:.1f}"
     )
     print(
         f"StreamProtocol.receive, media frame: {receive:.2f} us; json.loads + checks + "

@@ -241,6 +241,7 @@ def _serve(args: argparse.Namespace) -> int:
         )
     ssl_context = _server_tls(settings)
     fit_fd_limit(settings)
+    _check_speedups()
     from receiver.server import Receiver
 
     ui = None
@@ -261,6 +262,18 @@ def _serve(args: argparse.Namespace) -> int:
     # 311-422 ms; at 0.5 ms, 158-175 ms (tests/test_chaos.py, many streams at the fd limit).
     sys.setswitchinterval(_SWITCH_INTERVAL_S)
     return _event_loop_runner(settings.event_loop)(ui.serving(run) if ui else run)
+
+
+def _check_speedups() -> None:
+    """Say so when the hot path's C loops were not built (installed without a C compiler)."""
+    try:
+        import receiver._speedups  # noqa: F401
+    except ImportError:
+        logger.warning(
+            "receiver._speedups is not built (no C compiler when this was installed): frames "
+            "are split and parsed by their Python twins, ~15x and ~4x slower (python -m "
+            "bench.core); reinstall with gcc to build it"
+        )
 
 
 def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, int]], int]:

@@ -2,7 +2,9 @@
 
 websockets parses each frame with a generator (more Python a media frame than the receiver's
 own work on it) and hands it on through a queue; this splitter costs a fraction of that
-(``python -m bench.core`` prints both and their ratio). So once a connection is open,
+(``python -m bench.core`` prints both and their ratio), and its loop runs in C
+(``receiver._speedups.split_frames``, ~15x its Python twin ``_split_python``, which stays the
+reference the tests hold it to). So once a connection is open,
 ``receiver.connection`` feeds its bytes here and websockets sees only what this module does
 not handle itself:
 
@@ -70,47 +72,13 @@ class TextFrames:
         if self._buffer:
             self._buffer += data
             buffer = self._buffer
-        end = len(buffer)
-        position = 0
         split = Split()
-        messages = split.messages
-        while True:
-            if end - position < 2:
-                break  # wait for the rest of the frame
-            head, second = buffer[position], buffer[position + 1]
-            if second < _MASKED:  # clients must mask: websockets refuses the frame
-                return self._hand_back(split, buffer, position)
-            size = second & 0x7F
-            start = position + 6
-            if size == 126:
-                if end - position < 4:
-                    break
-                size = int.from_bytes(buffer[position + 2 : position + 4], "big")
-                start = position + 8
-            elif size == 127:
-                if end - position < 10:
-                    break
-                size = int.from_bytes(buffer[position + 2 : position + 10], "big")
-                start = position + 14
-            stop = start + size
-            if head == _TEXT_FINAL and size <= self.max_size:
-                if stop > end:
-                    break
-                try:
-                    text = apply_mask(buffer[start:stop], buffer[start - 4 : start]).decode()
-                except UnicodeDecodeError:  # websockets closes with 1007
-                    return self._hand_back(split, buffer, position)
-                messages.append(text)
-            elif head in _CONTROL_PASSED_ON and size <= _MAX_CONTROL_PAYLOAD:
-                if stop > end:
-                    break
-                split.control.append(bytes(buffer[position:stop]))
-            else:  # too big (websockets closes with 1009 before it arrives), or not ours
-                return self._hand_back(split, buffer, position)
-            position = stop
+        position, foreign = split_frames(buffer, self.max_size, split.messages, split.control)
+        if foreign:
+            return self._hand_back(split, buffer, position)
         if buffer is self._buffer:
             del self._buffer[:position]
-        elif position < end:
+        elif position < len(buffer):
             self._buffer = bytearray(buffer[position:])
         return split
 
@@ -118,3 +86,55 @@ class TextFrames:
         split.handback = bytes(buffer[position:])
         self._buffer = bytearray()
         return split
+
+
+def _split_python(
+    buffer: bytes | bytearray, max_size: int, messages: list[str], control: list[bytes]
+) -> tuple[int, bool]:
+    """Split whole frames off the start of ``buffer`` into ``messages`` and ``control``.
+
+    Returns where it stopped and whether a frame it does not handle stopped it (True) or an
+    incomplete one (False). The reference for ``receiver._speedups.split_frames``, its C twin
+    (tests/test_speedups.py holds the two to the same results)."""
+    end = len(buffer)
+    position = 0
+    while True:
+        if end - position < 2:
+            return position, False  # wait for the rest of the frame
+        head, second = buffer[position], buffer[position + 1]
+        if second < _MASKED:  # clients must mask: websockets refuses the frame
+            return position, True
+        size = second & 0x7F
+        start = position + 6
+        if size == 126:
+            if end - position < 4:
+                return position, False
+            size = int.from_bytes(buffer[position + 2 : position + 4], "big")
+            start = position + 8
+        elif size == 127:
+            if end - position < 10:
+                return position, False
+            size = int.from_bytes(buffer[position + 2 : position + 10], "big")
+            start = position + 14
+        stop = start + size
+        if head == _TEXT_FINAL and size <= max_size:
+            if stop > end:
+                return position, False
+            try:
+                text = apply_mask(buffer[start:stop], buffer[start - 4 : start]).decode()
+            except UnicodeDecodeError:  # websockets closes with 1007
+                return position, True
+            messages.append(text)
+        elif head in _CONTROL_PASSED_ON and size <= _MAX_CONTROL_PAYLOAD:
+            if stop > end:
+                return position, False
+            control.append(bytes(buffer[position:stop]))
+        else:  # too big (websockets closes with 1009 before it arrives), or not ours
+            return position, True
+        position = stop
+
+
+try:
+    from receiver._speedups import split_frames
+except ImportError:  # built without a compiler: the Python twin, ~4x slower (bench.core)
+    split_frames = _split_python

@@ -171,6 +171,14 @@ _new_media = tuple.__new__
 
 
 def _fast_media(text: str) -> Media | None:
+    """The common media frame: the C parser's plain form, else msgspec's."""
+    media: Media | None = _c_media(text, Media)
+    if media is None:
+        media = _python_fast_media(text)
+    return media
+
+
+def _python_fast_media(text: str) -> Media | None:
     """The common media frame in one C call (JSON, base64, types), then the range checks.
 
     Several times cheaper than JSON, then dict checks and base64 in Python (``python -m
@@ -208,6 +216,16 @@ def _fast_media(text: str) -> Media | None:
     if -1 in (chunk, timestamp, sequence):
         return None
     return Media(track, body.payload, chunk, timestamp, sequence)
+
+
+def _no_media(text: str, cls: type[Media]) -> None:
+    return None
+
+
+try:
+    from receiver._speedups import media as _c_media
+except ImportError:  # built without a compiler: msgspec's path alone (bench.core)
+    _c_media = _no_media
 
 
 def _number(value: str | int | None) -> int | None:

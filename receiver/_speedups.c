@@ -1,0 +1,514 @@
+/* The hot path's two loops in C: splitting a client's WebSocket bytes into text frames, and
+ * parsing the platform's usual media message.
+ *
+ * Each is the C twin of a Python function that stays the reference (receiver/frames.py
+ * `_split_python`, receiver/protocol.py `_python_fast_media`): the tests hold the two to the
+ * same results on random input. `media` accepts only the plainest form of the message
+ * (ASCII, no escapes, canonical base64, three strings of digits, no repeated field) and
+ * returns None for anything else, which the Python path then parses or refuses as before: it
+ * never accepts what the Python path would refuse.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define TEXT_FINAL 0x81
+#define PING_FINAL 0x89
+#define PONG_FINAL 0x8A
+#define MASKED 0x80
+#define MAX_CONTROL_PAYLOAD 125
+#define MAX_DIGITS 15
+
+static PyObject *track_inbound;
+static PyObject *track_outbound;
+
+/* XOR with the 4-byte mask, 8 bytes at a time; the OR of every output byte. */
+static unsigned char
+unmask(unsigned char *out, const unsigned char *data, Py_ssize_t size, const unsigned char *mask)
+{
+    uint32_t mask32;
+    memcpy(&mask32, mask, 4);
+    uint64_t mask64 = ((uint64_t)mask32 << 32) | mask32, ored = 0;
+    Py_ssize_t i = 0;
+    for (; i + 8 <= size; i += 8) {
+        uint64_t word;
+        memcpy(&word, data + i, 8);
+        word ^= mask64;
+        ored |= word;
+        memcpy(out + i, &word, 8);
+    }
+    unsigned char tail = 0;
+    for (; i < size; i++) {
+        out[i] = data[i] ^ mask[i & 3];
+        tail |= out[i];
+    }
+    for (int k = 0; k < 8; k++) {
+        tail |= (unsigned char)(ored >> (8 * k));
+    }
+    return tail;
+}
+
+/* A masked text payload as a str: unmasked straight into an ASCII str, or, if any byte is not
+ * ASCII, decoded from there as strict UTF-8, as bytes.decode() does. NULL with
+ * UnicodeDecodeError set if it is not UTF-8. */
+static PyObject *
+unmask_text(const unsigned char *data, Py_ssize_t size, const unsigned char *mask)
+{
+    PyObject *text = PyUnicode_New(size, 127);
+    if (text == NULL) {
+        return NULL;
+    }
+    unsigned char *out = PyUnicode_1BYTE_DATA(text);
+    if (unmask(out, data, size, mask) < 0x80) {
+        return text;
+    }
+    PyObject *decoded = PyUnicode_DecodeUTF8((const char *)out, size, NULL);
+    Py_DECREF(text);
+    return decoded;
+}
+
+/* split_frames(buffer, max_size, messages, control) -> (position, foreign)
+ *
+ * Appends each final, masked text frame up to max_size whose payload is UTF-8 to messages (as
+ * str) and each final ping or pong up to 125 bytes to control (the whole frame, as bytes),
+ * from the start of buffer; stops at the first incomplete frame (foreign False) or at the
+ * first frame of any other kind (foreign True). position: where it stopped. */
+static PyObject *
+split_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "split_frames takes 4 arguments");
+        return NULL;
+    }
+    Py_ssize_t max_size = PyLong_AsSsize_t(args[1]);
+    if (max_size == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *messages = args[2], *control = args[3];
+    if (!PyList_Check(messages) || !PyList_Check(control)) {
+        PyErr_SetString(PyExc_TypeError, "messages and control must be lists");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    const unsigned char *buffer = view.buf;
+    Py_ssize_t end = view.len, position = 0;
+    int foreign = 0;
+    while (end - position >= 2) {
+        unsigned char head = buffer[position], second = buffer[position + 1];
+        if (second < MASKED) {
+            foreign = 1;
+            break;
+        }
+        uint64_t size = second & 0x7F;
+        Py_ssize_t start = position + 6;
+        if (size == 126) {
+            if (end - position < 4) {
+                break;
+            }
+            size = ((uint64_t)buffer[position + 2] << 8) | buffer[position + 3];
+            start = position + 8;
+        }
+        else if (size == 127) {
+            if (end - position < 10) {
+                break;
+            }
+            size = 0;
+            for (int i = 2; i < 10; i++) {
+                size = (size << 8) | buffer[position + i];
+            }
+            start = position + 14;
+        }
+        int text = head == TEXT_FINAL && size <= (uint64_t)max_size;
+        int passed_on = (head == PING_FINAL || head == PONG_FINAL) && size <= MAX_CONTROL_PAYLOAD;
+        if (!text && !passed_on) {
+            foreign = 1;
+            break;
+        }
+        Py_ssize_t stop = start + (Py_ssize_t)size;
+        if (stop > end) {
+            break;
+        }
+        PyObject *item;
+        if (text) {
+            item = unmask_text(buffer + start, (Py_ssize_t)size, buffer + start - 4);
+            if (item == NULL) {
+                if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+                    goto failed;
+                }
+                PyErr_Clear(); /* websockets closes with 1007 */
+                foreign = 1;
+                break;
+            }
+        }
+        else {
+            item = PyBytes_FromStringAndSize((const char *)buffer + position, stop - position);
+            if (item == NULL) {
+                goto failed;
+            }
+        }
+        int appended = PyList_Append(text ? messages : control, item);
+        Py_DECREF(item);
+        if (appended < 0) {
+            goto failed;
+        }
+        position = stop;
+    }
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(nO)", position, foreign ? Py_True : Py_False);
+failed:
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
+/* The media message parser: a cursor over ASCII text. Every function returns 0 when the text
+ * is not in the plain form this parser takes (the caller then returns None). */
+typedef struct {
+    const char *at;
+    const char *end;
+} Cursor;
+
+static void
+skip_space(Cursor *c)
+{
+    while (c->at < c->end &&
+           (*c->at == ' ' || *c->at == '\t' || *c->at == '\n' || *c->at == '\r')) {
+        c->at++;
+    }
+}
+
+static int
+expect(Cursor *c, char what)
+{
+    skip_space(c);
+    if (c->at < c->end && *c->at == what) {
+        c->at++;
+        return 1;
+    }
+    return 0;
+}
+
+/* A string without escapes or control characters: its contents in [*start, *start + *size). */
+static int
+string(Cursor *c, const char **start, Py_ssize_t *size)
+{
+    if (!expect(c, '"')) {
+        return 0;
+    }
+    const char *s = c->at;
+    while (c->at < c->end) {
+        unsigned char ch = (unsigned char)*c->at;
+        if (ch == '"') {
+            *start = s;
+            *size = c->at - s;
+            c->at++;
+            return 1;
+        }
+        if (ch == '\\' || ch < 0x20) {
+            return 0;
+        }
+        c->at++;
+    }
+    return 0;
+}
+
+static int
+same(const char *s, Py_ssize_t size, const char *literal)
+{
+    size_t n = strlen(literal);
+    return (size_t)size == n && memcmp(s, literal, n) == 0;
+}
+
+/* 1 to 15 ASCII digits (leading zeros allowed, as int("007") takes them). */
+static int
+digits(const char *s, Py_ssize_t size, long long *value)
+{
+    if (size < 1 || size > MAX_DIGITS) {
+        return 0;
+    }
+    long long v = 0;
+    for (Py_ssize_t i = 0; i < size; i++) {
+        if (s[i] < '0' || s[i] > '9') {
+            return 0;
+        }
+        v = v * 10 + (s[i] - '0');
+    }
+    *value = v;
+    return 1;
+}
+
+static const signed char BASE64[256] = {
+    ['A'] = 1,  ['B'] = 2,  ['C'] = 3,  ['D'] = 4,  ['E'] = 5,  ['F'] = 6,  ['G'] = 7,
+    ['H'] = 8,  ['I'] = 9,  ['J'] = 10, ['K'] = 11, ['L'] = 12, ['M'] = 13, ['N'] = 14,
+    ['O'] = 15, ['P'] = 16, ['Q'] = 17, ['R'] = 18, ['S'] = 19, ['T'] = 20, ['U'] = 21,
+    ['V'] = 22, ['W'] = 23, ['X'] = 24, ['Y'] = 25, ['Z'] = 26, ['a'] = 27, ['b'] = 28,
+    ['c'] = 29, ['d'] = 30, ['e'] = 31, ['f'] = 32, ['g'] = 33, ['h'] = 34, ['i'] = 35,
+    ['j'] = 36, ['k'] = 37, ['l'] = 38, ['m'] = 39, ['n'] = 40, ['o'] = 41, ['p'] = 42,
+    ['q'] = 43, ['r'] = 44, ['s'] = 45, ['t'] = 46, ['u'] = 47, ['v'] = 48, ['w'] = 49,
+    ['x'] = 50, ['y'] = 51, ['z'] = 52, ['0'] = 53, ['1'] = 54, ['2'] = 55, ['3'] = 56,
+    ['4'] = 57, ['5'] = 58, ['6'] = 59, ['7'] = 60, ['8'] = 61, ['9'] = 62, ['+'] = 63,
+    ['/'] = 64,
+}; /* the value plus one; 0: not in the alphabet */
+
+/* Canonical base64 only (padded, no whitespace, unused bits zero): every decoder reads it the
+ * same way. NULL without an error set if the text is not canonical. */
+static PyObject *
+base64(const char *s, Py_ssize_t size)
+{
+    if (size % 4) {
+        return NULL;
+    }
+    Py_ssize_t pad = 0;
+    if (size && s[size - 1] == '=') {
+        pad = (s[size - 2] == '=') ? 2 : 1;
+    }
+    PyObject *bytes = PyBytes_FromStringAndSize(NULL, size / 4 * 3 - pad);
+    if (bytes == NULL) {
+        return NULL;
+    }
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(bytes);
+    Py_ssize_t whole = size - (pad ? 4 : 0);
+    for (Py_ssize_t i = 0; i < whole; i += 4) {
+        int a = BASE64[(unsigned char)s[i]], b = BASE64[(unsigned char)s[i + 1]];
+        int c = BASE64[(unsigned char)s[i + 2]], d = BASE64[(unsigned char)s[i + 3]];
+        if (!a || !b || !c || !d) {
+            goto not_canonical;
+        }
+        uint32_t v = ((uint32_t)(a - 1) << 18) | ((uint32_t)(b - 1) << 12) |
+                     ((uint32_t)(c - 1) << 6) | (uint32_t)(d - 1);
+        *out++ = (unsigned char)(v >> 16);
+        *out++ = (unsigned char)(v >> 8);
+        *out++ = (unsigned char)v;
+    }
+    if (pad) {
+        const char *q = s + whole;
+        int a = BASE64[(unsigned char)q[0]], b = BASE64[(unsigned char)q[1]];
+        if (!a || !b) {
+            goto not_canonical;
+        }
+        if (pad == 2) {
+            if ((b - 1) & 0x0F) {
+                goto not_canonical;
+            }
+            *out = (unsigned char)(((a - 1) << 2) | ((b - 1) >> 4));
+        }
+        else {
+            int c = BASE64[(unsigned char)q[2]];
+            if (!c || ((c - 1) & 0x03)) {
+                goto not_canonical;
+            }
+            uint32_t v = ((uint32_t)(a - 1) << 12) | ((uint32_t)(b - 1) << 6) | (uint32_t)(c - 1);
+            *out++ = (unsigned char)(v >> 10);
+            *out = (unsigned char)(v >> 2);
+        }
+    }
+    return bytes;
+not_canonical:
+    Py_DECREF(bytes);
+    return NULL;
+}
+
+/* The payload string: its end by memchr; base64() then refuses any character outside its
+ * alphabet (escapes and control characters included). */
+static int
+payload_string(Cursor *c, const char **start, Py_ssize_t *size)
+{
+    if (!expect(c, '"')) {
+        return 0;
+    }
+    const char *quote = memchr(c->at, '"', c->end - c->at);
+    if (quote == NULL) {
+        return 0;
+    }
+    *start = c->at;
+    *size = quote - c->at;
+    c->at = quote + 1;
+    return 1;
+}
+
+/* An unknown field's value: only a plain string is skipped; anything else is not plain. */
+static int
+skip_value(Cursor *c)
+{
+    const char *s;
+    Py_ssize_t n;
+    return string(c, &s, &n);
+}
+
+typedef struct {
+    const char *track, *payload, *chunk, *timestamp;
+    Py_ssize_t track_n, payload_n, chunk_n, timestamp_n;
+} Body;
+
+static int
+body(Cursor *c, Body *b)
+{
+    if (!expect(c, '{')) {
+        return 0;
+    }
+    if (expect(c, '}')) {
+        return 1;
+    }
+    do {
+        const char *key, *value;
+        Py_ssize_t key_n, value_n;
+        if (!string(c, &key, &key_n) || !expect(c, ':')) {
+            return 0;
+        }
+        const char **slot = NULL;
+        Py_ssize_t *slot_n = NULL;
+        if (same(key, key_n, "track")) {
+            slot = &b->track, slot_n = &b->track_n;
+        }
+        else if (same(key, key_n, "payload")) {
+            slot = &b->payload, slot_n = &b->payload_n;
+        }
+        else if (same(key, key_n, "chunk")) {
+            slot = &b->chunk, slot_n = &b->chunk_n;
+        }
+        else if (same(key, key_n, "timestamp")) {
+            slot = &b->timestamp, slot_n = &b->timestamp_n;
+        }
+        if (slot == NULL) {
+            if (!skip_value(c)) {
+                return 0;
+            }
+            continue;
+        }
+        int plain = slot == &b->payload ? payload_string(c, &value, &value_n)
+                                        : string(c, &value, &value_n);
+        if (*slot != NULL || !plain) {
+            return 0; /* a repeated field, or not a plain string */
+        }
+        *slot = value, *slot_n = value_n;
+    } while (expect(c, ','));
+    return expect(c, '}');
+}
+
+/* media(text, cls) -> cls(track, payload, chunk, timestamp, sequence) or None */
+static PyObject *
+media(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyType_Check(args[1]) ||
+        !PyType_IsSubtype((PyTypeObject *)args[1], &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "media takes a str and a tuple type");
+        return NULL;
+    }
+    PyObject *text = args[0];
+    if (!PyUnicode_CheckExact(text) || !PyUnicode_IS_ASCII(text)) {
+        Py_RETURN_NONE;
+    }
+    Cursor c = {(const char *)PyUnicode_1BYTE_DATA(text), NULL};
+    c.end = c.at + PyUnicode_GET_LENGTH(text);
+    const char *event = NULL, *sequence = NULL;
+    Py_ssize_t event_n = 0, sequence_n = 0;
+    int have_body = 0;
+    Body b = {0};
+    if (!expect(&c, '{')) {
+        Py_RETURN_NONE;
+    }
+    if (expect(&c, '}')) {
+        Py_RETURN_NONE;
+    }
+    do {
+        const char *key;
+        Py_ssize_t key_n;
+        if (!string(&c, &key, &key_n) || !expect(&c, ':')) {
+            Py_RETURN_NONE;
+        }
+        if (same(key, key_n, "media")) {
+            if (have_body || !body(&c, &b)) {
+                Py_RETURN_NONE;
+            }
+            have_body = 1;
+        }
+        else if (same(key, key_n, "event")) {
+            if (event != NULL || !string(&c, &event, &event_n)) {
+                Py_RETURN_NONE;
+            }
+        }
+        else if (same(key, key_n, "sequenceNumber")) {
+            if (sequence != NULL || !string(&c, &sequence, &sequence_n)) {
+                Py_RETURN_NONE;
+            }
+        }
+        else if (!skip_value(&c)) {
+            Py_RETURN_NONE;
+        }
+    } while (expect(&c, ','));
+    if (!expect(&c, '}')) {
+        Py_RETURN_NONE;
+    }
+    skip_space(&c);
+    if (c.at != c.end || !have_body || event == NULL || !same(event, event_n, "media") ||
+        b.track == NULL || b.payload == NULL || b.chunk == NULL || b.timestamp == NULL ||
+        sequence == NULL) {
+        Py_RETURN_NONE;
+    }
+    PyObject *track;
+    if (same(b.track, b.track_n, "inbound") || same(b.track, b.track_n, "inbound_track")) {
+        track = track_inbound;
+    }
+    else if (same(b.track, b.track_n, "outbound") ||
+             same(b.track, b.track_n, "outbound_track")) {
+        track = track_outbound;
+    }
+    else {
+        Py_RETURN_NONE;
+    }
+    long long chunk, timestamp, sequence_number;
+    if (!digits(b.chunk, b.chunk_n, &chunk) || !digits(b.timestamp, b.timestamp_n, &timestamp) ||
+        !digits(sequence, sequence_n, &sequence_number)) {
+        Py_RETURN_NONE;
+    }
+    PyObject *payload = base64(b.payload, b.payload_n);
+    if (payload == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    PyTypeObject *cls = (PyTypeObject *)args[1];
+    PyObject *items[5] = {Py_NewRef(track), payload, PyLong_FromLongLong(chunk),
+                          PyLong_FromLongLong(timestamp), PyLong_FromLongLong(sequence_number)};
+    PyObject *result = NULL;
+    if (items[2] != NULL && items[3] != NULL && items[4] != NULL) {
+        result = cls->tp_alloc(cls, 5);
+    }
+    if (result == NULL) {
+        for (int i = 0; i < 5; i++) {
+            Py_XDECREF(items[i]);
+        }
+        return NULL;
+    }
+    for (int i = 0; i < 5; i++) {
+        PyTuple_SET_ITEM(result, i, items[i]);
+    }
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"split_frames", (PyCFunction)(void (*)(void))split_frames, METH_FASTCALL,
+     "split_frames(buffer, max_size, messages, control) -> (position, foreign)"},
+    {"media", (PyCFunction)(void (*)(void))media, METH_FASTCALL,
+     "media(text, cls) -> cls(track, payload, chunk, timestamp, sequence) or None"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "receiver._speedups", "The hot path's loops in C.", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    track_inbound = PyUnicode_InternFromString("inbound");
+    track_outbound = PyUnicode_InternFromString("outbound");
+    if (track_inbound == NULL || track_outbound == NULL) {
+        return NULL;
+    }
+    return PyModule_Create(&module);
+}

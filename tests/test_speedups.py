@@ -1,0 +1,236 @@
+"""The C twins of the hot path's two loops (receiver/_speedups.c) against their Python
+references: the same frames split from any bytes, and, for a media message, either the same
+Media or None (the Python path decides) — never a different answer."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+# Imported plainly: a build without the C extension fails here, loudly (scripts/test installs
+# with a compiler, so the suite tests the loops that are deployed).
+from receiver import _speedups as speedups
+from receiver import frames, protocol
+from receiver.events import Media
+from tests.support.fuzzing import fuzz
+from tests.support.strategies import SPLIT_MAX_SIZE, client_frame, media_msg
+
+PLATFORM_FRAME = (
+    '{"event":"media","sequenceNumber":"4","media":{"track":"inbound","chunk":"2",'
+    '"timestamp":"20","payload":"' + base64.b64encode(bytes(range(160))).decode() + '"},'
+    '"streamSid":"MZ18ad3ab5a668481ce02b83e7395059f0"}'
+)
+
+
+def test_the_c_build_is_in_use() -> None:
+    """The server's modules use the C loops: the end-to-end tests run the code deployed."""
+    assert frames.split_frames is speedups.split_frames
+    assert protocol._c_media is speedups.media
+
+
+def test_serve_warns_when_the_c_build_is_missing(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from receiver import cli
+
+    cli._check_speedups()
+    assert not caplog.records
+    monkeypatch.setitem(sys.modules, "receiver._speedups", None)  # import raises ImportError
+    cli._check_speedups()
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "receiver._speedups is not built" in caplog.text
+
+
+def both_splits(buffer: bytes, max_size: int) -> tuple[Any, Any]:
+    results = []
+    for split in (speedups.split_frames, frames._split_python):
+        messages: list[str] = []
+        control: list[bytes] = []
+        position, foreign = split(buffer, max_size, messages, control)
+        results.append((position, foreign, messages, control))
+    return results[0], results[1]
+
+
+@given(
+    st.lists(client_frame(), max_size=10),
+    st.integers(0, 2**16),
+    st.sampled_from([SPLIT_MAX_SIZE, 0, 125, 126, 1 << 20]),
+    st.binary(max_size=16),
+)
+@fuzz
+def test_the_c_splitter_splits_as_the_python_one(
+    frame_list: list[bytes], cut: int, max_size: int, noise: bytes
+) -> None:
+    """Any frames (right and wrong), cut anywhere, with any bytes after: the same messages,
+    control frames, stopping place and reason, from bytes and from a bytearray."""
+    stream = b"".join(frame_list)
+    stream = stream[: cut % (len(stream) + 1)] if cut % 3 == 0 else stream + noise
+    c, python = both_splits(stream, max_size)
+    assert c == python
+    assert both_splits(bytearray(stream), max_size)[0] == python  # type: ignore[arg-type]
+
+
+def test_the_c_splitter_reads_64_bit_lengths_and_non_ascii_text() -> None:
+    text = "é" * 40_000  # 80,000 bytes: a 64-bit length
+    mask = b"\x01\x02\x03\x04"
+    data = text.encode()
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+    frame = b"\x81\xff" + len(data).to_bytes(8, "big") + mask + masked
+    c, python = both_splits(frame + b"\x81", 1 << 20)
+    assert c == python == (len(frame), False, [text], [])
+    c, python = both_splits(frame, len(data) - 1)  # too big: websockets' 1009
+    assert c == python == (0, True, [], [])
+
+
+def c_media(text: str) -> Media | None:
+    media: Media | None = speedups.media(text, Media)
+    return media
+
+
+def test_the_platform_frame_takes_the_c_path() -> None:
+    media = c_media(PLATFORM_FRAME)
+    assert type(media) is Media
+    assert media == protocol._python_fast_media(PLATFORM_FRAME)
+    assert media == Media("inbound", bytes(range(160)), 2, 20, 4)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        ('"track":"inbound"', '"track":"in\\u0062ound"'),  # an escape
+        ('"chunk":"2"', '"chunk":2'),  # a JSON number
+        ('"chunk":"2"', '"chunk":"1234567890123456"'),  # 16 digits
+        ('"chunk":"2"', '"chunk":""'),
+        ('"chunk":"2"', '"chunk":"-2"'),
+        ('"chunk":"2",', ""),  # no chunk
+        ('"sequenceNumber":"4",', ""),
+        ('"event":"media"', '"event":"dtmf"'),
+        ('"track":"inbound"', '"track":"both"'),
+        ('"track":"inbound"', '"track":"inbound","track":"outbound"'),  # repeated
+        ('"streamSid":"MZ', '"streamSid":"é'),  # not ASCII
+        ('"streamSid":"MZ18ad3ab5a668481ce02b83e7395059f0"', '"streamSid":null'),
+        ('"streamSid":"MZ18ad3ab5a668481ce02b83e7395059f0"', '"rawEvent":{}'),
+        ('"payload":"AAEC', '"payload":"AAE'),  # not a multiple of four
+        ('"payload":"AAEC', '"payload":"AA=C'),
+        ('"payload":"AAEC', '"payload":"AAE\\n'),
+    ],
+)
+def test_what_is_not_plain_is_left_to_the_python_path(change: tuple[str, str]) -> None:
+    text = PLATFORM_FRAME.replace(*change, 1)
+    assert text != PLATFORM_FRAME
+    assert c_media(text) is None
+
+
+@pytest.mark.parametrize("tail", ["x", "}", ",", " ]"])
+def test_trailing_text_is_left_to_the_python_path(tail: str) -> None:
+    assert c_media(PLATFORM_FRAME + tail) is None
+
+
+@pytest.mark.parametrize(
+    ("payload", "decoded"),
+    [("", b""), ("AA==", b"\x00"), ("AAA=", b"\x00\x00"), ("/+8=", b"\xff\xef"), ("QQ==", b"A")],
+)
+def test_canonical_base64(payload: str, decoded: bytes) -> None:
+    text = PLATFORM_FRAME.replace(base64.b64encode(bytes(range(160))).decode(), payload)
+    media = c_media(text)
+    assert media is not None and media.payload == decoded
+    assert media == protocol._python_fast_media(text)
+
+
+@pytest.mark.parametrize("payload", ["QR==", "QUJ=", "AB=="])
+def test_base64_with_unused_bits_set_is_left_to_the_python_path(payload: str) -> None:
+    text = PLATFORM_FRAME.replace(base64.b64encode(bytes(range(160))).decode(), payload)
+    assert c_media(text) is None
+
+
+def serialized(draw: st.DrawFn, obj: Any) -> str:
+    """JSON as any sender may write it: key order, spacing, ASCII escapes or not."""
+    if isinstance(obj, dict) and draw(st.booleans()):
+        obj = dict(draw(st.permutations(list(obj.items()))))
+    space = draw(st.sampled_from(["", " ", "\n", "\t ", "\r\n"]))
+    return json.dumps(
+        obj,
+        ensure_ascii=draw(st.booleans()),
+        separators=(space + "," + space, space + ":" + space),
+    )
+
+
+_DIGIT_TEXT = st.text("0123456789", min_size=1, max_size=15)
+DIGITS = _DIGIT_TEXT | _DIGIT_TEXT | st.sampled_from(["", "00", "-1", "1234567890123456"])
+PLAIN_CHARS = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in '"\\')
+_PLAIN_TEXT = st.text(PLAIN_CHARS, max_size=8)
+SIMPLE = _PLAIN_TEXT | _PLAIN_TEXT | _PLAIN_TEXT | st.text(max_size=4)
+
+
+@st.composite
+def platform_media(draw: st.DrawFn) -> dict[str, Any]:
+    """The platform's frame with its values drawn: mostly the C path's plain form."""
+    payload = base64.b64encode(draw(st.binary(max_size=400))).decode()
+    if draw(st.integers(0, 9)) == 0:
+        payload = draw(st.sampled_from(["QR==", "QUJ=", "A===", "====", "QQ", "QQ=="]))
+    body: dict[str, Any] = {
+        "track": draw(st.sampled_from(["inbound", "outbound", "inbound_track", "outbound_track"])),
+        "chunk": draw(DIGITS),
+        "timestamp": draw(DIGITS),
+        "payload": payload,
+        **draw(st.dictionaries(SIMPLE, SIMPLE, max_size=1)),
+    }
+    obj: dict[str, Any] = {
+        "event": "media",
+        "sequenceNumber": draw(DIGITS),
+        "media": body,
+        "streamSid": draw(SIMPLE),
+        **draw(st.dictionaries(SIMPLE, SIMPLE, max_size=1)),
+    }
+    if draw(st.integers(0, 5)) == 0:
+        body.update(draw(st.dictionaries(st.sampled_from(list(body)), SIMPLE, max_size=1)))
+    return obj
+
+
+@st.composite
+def media_texts(draw: st.DrawFn) -> str:
+    if draw(st.booleans()):
+        obj = draw(platform_media())
+    else:
+        obj = draw(st.sampled_from(["clean", "one", "many"]).flatmap(media_msg)).obj
+    text = serialized(draw, obj)
+    edit = draw(st.integers(0, 5))
+    if edit == 0 and text:  # a character changed, dropped or doubled anywhere
+        at = draw(st.integers(0, len(text) - 1))
+        other = draw(st.sampled_from(["", '"', "\\", "0", "=", "}", text[at] * 2]))
+        text = text[:at] + other + text[at + 1 :]
+    elif edit == 1:
+        text = draw(st.sampled_from([" ", "", "\n"])) + text + draw(st.sampled_from([" ", "x"]))
+    return text
+
+
+@given(media_texts())
+@fuzz
+def test_the_c_media_parser_agrees_with_the_python_one(text: str) -> None:
+    """For any media-like text: None, or exactly the Media the Python fast path builds."""
+    media = c_media(text)
+    if media is not None:
+        expected = protocol._python_fast_media(text)
+        assert media == expected
+        assert type(media) is Media
+        assert [type(v) for v in media] == [type(v) for v in expected]  # type: ignore[union-attr]
+
+
+@given(platform_media(), st.sampled_from(["", " ", "\n"]))
+@fuzz
+def test_the_plain_form_is_taken_by_the_c_parser(obj: dict[str, Any], space: str) -> None:
+    """The platform's frame in ASCII with no escapes, its payload canonical base64: if the
+    Python path takes it, so does the C path (None is not what passes the property above)."""
+    text = json.dumps(obj, separators=(space + ",", ":" + space))
+    expected = protocol._python_fast_media(text)
+    canonical = expected is not None and (
+        base64.b64encode(expected.payload).decode() == obj["media"]["payload"]
+    )
+    if text.isascii() and "\\" not in text and canonical:
+        assert c_media(text) == expected
