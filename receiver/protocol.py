@@ -59,6 +59,9 @@ class State(enum.Enum):
     STOPPED = "stopped"
 
 
+_STREAMING = State.STREAMING
+
+
 class StreamProtocol:
     """Parse and order-check the messages of one WebSocket connection.
 
@@ -84,8 +87,11 @@ class StreamProtocol:
         """Parse one WebSocket message and check that it may come now."""
         if type(message) is not str:
             raise UnsupportedMedia("binary frames are not part of the stream protocol")
-        if self.state is State.STREAMING:
-            media = _fast_media(message)
+        if self.state is _STREAMING:
+            # The platform's plain media message in C, else msgspec's path (bench.core).
+            media = _c_media(message, Media)
+            if media is None:
+                media = _python_fast_media(message)
             if media is not None:
                 return media
         event = parse_event(decode_json(message), default_track=self._single_track)
@@ -168,14 +174,6 @@ class _MediaMessage(msgspec.Struct):
 _JSON = msgspec.json.Decoder()
 _MEDIA = msgspec.json.Decoder(_MediaMessage)
 _new_media = tuple.__new__
-
-
-def _fast_media(text: str) -> Media | None:
-    """The common media frame: the C parser's plain form, else msgspec's."""
-    media: Media | None = _c_media(text, Media)
-    if media is None:
-        media = _python_fast_media(text)
-    return media
 
 
 def _python_fast_media(text: str) -> Media | None:
