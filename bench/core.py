@@ -131,12 +131,15 @@ def frame_parsers(frames: int) -> tuple[float, float]:
     return per_call_us(websockets_parse, 5) / frames, per_call_us(split, 5) / frames
 
 
-def speedups(frame: str, frames: int) -> tuple[float, float, float, float]:
-    """Microseconds per media frame, C then Python: the splitter (32 KiB reads), the parser."""
+def speedups(frame: str, frames: int) -> tuple[float, float, float, float, float, float]:
+    """Microseconds, C then Python: per media frame, the splitter (32 KiB reads) and the
+    parser; per 200 ms batch, the G.711 decode."""
     from receiver import _speedups
+    from receiver.codecs import _MULAW_DECODE, _take_c, _take_python
     from receiver.frames import _split_python
     from receiver.protocol import _python_fast_media
 
+    batch = bytes(range(256)) * 6 + bytes(64)  # 1,600 samples: 200 ms at 8 kHz
     each = media_frames(frames // 2)
     per_read = 32768 // len(each[0])  # whole frames a read: each read starts on a frame
     reads = [b"".join(each[i : i + per_read]) for i in range(0, len(each), per_read)]
@@ -154,6 +157,8 @@ def speedups(frame: str, frames: int) -> tuple[float, float, float, float]:
         splitting(_split_python),
         per_call_us(lambda: _speedups.media(frame, Media), n),
         per_call_us(lambda: _python_fast_media(frame), n),
+        per_call_us(lambda: _take_c(batch, _MULAW_DECODE), n),
+        per_call_us(lambda: _take_python(batch, _MULAW_DECODE), n),
     )
 
 
@@ -226,7 +231,7 @@ def main() -> None:
         file.close()
         libsndfile, pcm16 = wav_writers(Path(tmp))
     websockets_frame, split_frame = frame_parsers(4000)
-    c_split, python_split, c_media, python_media = speedups(frame, 4000)
+    c_split, python_split, c_media, python_media, c_g711, numpy_g711 = speedups(frame, 4000)
     decode = per_call_us(lambda: base64.b64decode(payload), n)
     print(f"core (protocol + session + wav sink): {whole:.2f} us/frame (best of 3)")
     print(
@@ -236,7 +241,9 @@ def main() -> None:
     print(
         f"receiver._speedups (C) against its Python twins, media frame: split {c_split:.3f} "
         f"us vs {python_split:.3f} us, ratio {python_split / c_split:.1f}; parse "
-        f"{c_media:.3f} us vs {python_media:.3f} us, ratio {python_media / c_media:.1f}"
+        f"{c_media:.3f} us vs {python_media:.3f} us, ratio {python_media / c_media:.1f}; "
+        f"G.711 decode, 200 ms batch: {c_g711:.2f} us vs numpy's take {numpy_g711:.2f} us, "
+        f"ratio {numpy_g711 / c_g711:.1f}"
     )
     print(
         f"StreamProtocol.receive, media frame: {receive:.2f} us; json.loads + checks + "

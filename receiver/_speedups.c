@@ -1,12 +1,12 @@
-/* The hot path's two loops in C: splitting a client's WebSocket bytes into text frames, and
- * parsing the platform's usual media message.
+/* The hot path's loops in C: splitting a client's WebSocket bytes into text frames, parsing
+ * the platform's usual media message, and decoding G.711 through its table.
  *
  * Each is the C twin of a Python function that stays the reference (receiver/frames.py
- * `_split_python`, receiver/protocol.py `_python_fast_media`): the tests hold the two to the
- * same results on random input. `media` accepts only the plainest form of the message
- * (ASCII, no escapes, canonical base64, three strings of digits, no repeated field) and
- * returns None for anything else, which the Python path then parses or refuses as before: it
- * never accepts what the Python path would refuse.
+ * `_split_python`, receiver/protocol.py `_python_fast_media`, receiver/codecs.py
+ * `_take_python`): the tests hold the two to the same results on random input. `media`
+ * accepts only the plainest form of the message (ASCII, no escapes, canonical base64, three
+ * strings of digits, no repeated field) and returns None for anything else, which the Python
+ * path then parses or refuses as before: it never accepts what the Python path would refuse.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -490,11 +490,52 @@ media(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+/* lookup16(data, table): every byte of data indexes table, 256 native int16 values (a G.711
+ * decoder's); the samples come back as a bytearray, twice data's length. */
+static PyObject *
+lookup16(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "lookup16(data, table)");
+        return NULL;
+    }
+    Py_buffer data, table;
+    if (PyObject_GetBuffer(args[0], &data, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[1], &table, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    PyObject *out = NULL;
+    if (table.len != 256 * (Py_ssize_t)sizeof(int16_t)) {
+        PyErr_SetString(PyExc_ValueError, "table must hold 256 int16 values");
+    } else if (data.len > PY_SSIZE_T_MAX / 2) {
+        PyErr_NoMemory();
+    } else {
+        int16_t values[256];
+        memcpy(values, table.buf, sizeof(values)); /* the buffer need not be aligned */
+        out = PyByteArray_FromStringAndSize(NULL, data.len * 2);
+        if (out != NULL) {
+            const unsigned char *in = data.buf;
+            char *samples = PyByteArray_AS_STRING(out);
+            for (Py_ssize_t i = 0; i < data.len; i++) {
+                memcpy(samples + 2 * i, &values[in[i]], sizeof(int16_t));
+            }
+        }
+    }
+    PyBuffer_Release(&table);
+    PyBuffer_Release(&data);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"split_frames", (PyCFunction)(void (*)(void))split_frames, METH_FASTCALL,
      "split_frames(buffer, max_size, messages, control) -> (position, foreign)"},
     {"media", (PyCFunction)(void (*)(void))media, METH_FASTCALL,
      "media(text, cls) -> cls(track, payload, chunk, timestamp, sequence) or None"},
+    {"lookup16", (PyCFunction)(void (*)(void))lookup16, METH_FASTCALL,
+     "lookup16(data, table) -> bytearray of table[byte] for each byte (int16 samples)"},
     {NULL, NULL, 0, NULL},
 };
 

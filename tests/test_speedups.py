@@ -1,6 +1,6 @@
-"""The C twins of the hot path's two loops (receiver/_speedups.c) against their Python
-references: the same frames split from any bytes, and, for a media message, either the same
-Media or None (the Python path decides) — never a different answer."""
+"""The C twins of the hot path's loops (receiver/_speedups.c) against their Python references:
+the same frames split from any bytes; for a media message, either the same Media or None (the
+Python path decides), never a different answer; the same samples from a G.711 table."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import sys
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 # Imported plainly: a build without the C extension fails here, loudly (scripts/test installs
 # with a compiler, so the suite tests the loops that are deployed).
 from receiver import _speedups as speedups
-from receiver import frames, protocol
+from receiver import codecs, frames, protocol
 from receiver.events import Media
 from tests.support.fuzzing import fuzz
 from tests.support.strategies import SPLIT_MAX_SIZE, client_frame, media_msg
@@ -32,6 +33,7 @@ def test_the_c_build_is_in_use() -> None:
     """The server's modules use the C loops: the end-to-end tests run the code deployed."""
     assert frames.split_frames is speedups.split_frames
     assert protocol._c_media is speedups.media
+    assert codecs._take is codecs._take_c
 
 
 def test_serve_warns_when_the_c_build_is_missing(
@@ -234,3 +236,25 @@ def test_the_plain_form_is_taken_by_the_c_parser(obj: dict[str, Any], space: str
     )
     if text.isascii() and "\\" not in text and canonical:
         assert c_media(text) == expected
+
+
+TABLES = {"mulaw": codecs._MULAW_DECODE, "alaw": codecs._ALAW_DECODE}
+
+
+@pytest.mark.parametrize("table", TABLES.values(), ids=TABLES.keys())
+@given(data=st.binary(max_size=4000), kind=st.sampled_from([bytes, bytearray, memoryview]))
+def test_the_c_table_lookup_decodes_as_numpy(table: Any, data: bytes, kind: type) -> None:
+    every_byte = bytes(range(256))
+    for sent in (data, every_byte + data):
+        got = codecs._take_c(kind(sent), table)
+        want = codecs._take_python(sent, table)
+        assert got.dtype == want.dtype == np.int16
+        np.testing.assert_array_equal(got, want)
+        assert got.flags.writeable  # as decode promises: a new array the caller may change
+
+
+def test_the_c_table_lookup_refuses_a_table_of_another_size() -> None:
+    with pytest.raises(ValueError, match="256 int16"):
+        speedups.lookup16(b"x", codecs._MULAW_DECODE[:255])
+    with pytest.raises(TypeError):
+        speedups.lookup16("text", codecs._MULAW_DECODE)
