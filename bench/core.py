@@ -90,9 +90,12 @@ def core(messages: list[str], directory: Path) -> float:
     return (timeit.default_timer() - started) / frames * 1e6
 
 
-def session_paths(messages: list[str]) -> tuple[float, float]:
-    """Microseconds per steady media frame in ``Session.media``: its fast path, and its general
-    path alone (the fast path's state cleared before each frame)."""
+def session_paths(messages: list[str]) -> tuple[float, float, float]:
+    """Microseconds per steady media frame in ``Session.media``: its fast path (C), the same
+    with the fast path's Python twin, and its general path alone (the fast path's state
+    cleared before each frame)."""
+    from receiver import session as session_module
+
     protocol = StreamProtocol()
     events = [protocol.receive(message) for message in messages]
     start = next(event for event in events if isinstance(event, Start))
@@ -109,7 +112,14 @@ def session_paths(messages: list[str]) -> tuple[float, float]:
             session.media(event)
         return (timeit.default_timer() - started) / len(media) * 1e6
 
-    return min(run(False) for _ in range(3)), min(run(True) for _ in range(3))
+    fast = min(run(False) for _ in range(3))
+    steady = session_module._steady
+    session_module._steady = session_module._steady_python
+    try:
+        python = min(run(False) for _ in range(3))
+    finally:
+        session_module._steady = steady
+    return fast, python, min(run(True) for _ in range(3))
 
 
 def frame_parsers(frames: int) -> tuple[float, float]:
@@ -221,7 +231,7 @@ def main() -> None:
     stdlib = per_call_us(stdlib_parse, n)
     named = per_call_us(lambda: Media("inbound", b"", 1, 2, 3), n)
     new_tuple = per_call_us(lambda: tuple.__new__(Media, ("inbound", b"", 1, 2, 3)), n)
-    fast_path, general_path = session_paths(messages)
+    fast_path, python_fast_path, general_path = session_paths(messages)
     frozen = per_call_us(lambda: FrozenMedia("inbound", b"", 1, 2, 3), n)
     samples = np.zeros(1600, dtype=np.int16)
     with tempfile.TemporaryDirectory() as tmp:
@@ -255,7 +265,8 @@ def main() -> None:
         f"ratio {named / new_tuple:.2f}"
     )
     print(
-        f"Session.media, steady frame: fast path {fast_path:.2f} us; general path "
+        f"Session.media, steady frame: fast path {fast_path:.2f} us (its Python twin "
+        f"{python_fast_path:.2f} us, ratio {python_fast_path / fast_path:.2f}); general path "
         f"{general_path:.2f} us; ratio {general_path / fast_path:.2f}"
     )
     print(

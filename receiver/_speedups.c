@@ -1,15 +1,19 @@
 /* The hot path's loops in C: splitting a client's WebSocket bytes into text frames, parsing
- * the platform's usual media message, and decoding G.711 through its table.
+ * the platform's usual media message, placing a frame that continues its track, and decoding
+ * G.711 through its table.
  *
  * Each is the C twin of a Python function that stays the reference (receiver/frames.py
- * `_split_python`, receiver/protocol.py `_python_fast_media`, receiver/codecs.py
- * `_take_python`): the tests hold the two to the same results on random input. `media`
- * accepts only the plainest form of the message (ASCII, no escapes, canonical base64, three
- * strings of digits, no repeated field) and returns None for anything else, which the Python
- * path then parses or refuses as before: it never accepts what the Python path would refuse.
+ * `_split_python`, receiver/protocol.py `_python_fast_media`, receiver/session.py
+ * `_steady_python`, receiver/codecs.py `_take_python`): the tests hold the two to the same
+ * results on random input. `media` accepts only the plainest form of the message (ASCII, no
+ * escapes, canonical base64, three strings of digits, no repeated field) and returns None for
+ * anything else, which the Python path then parses or refuses as before: it never accepts
+ * what the Python path would refuse. `steady` likewise leaves any frame it does not place to
+ * the session's general path.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -529,6 +533,164 @@ lookup16(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
+/* steady(clock, frame, rate, max_samples): Session.media's fast path. The clock and its stats
+ * are slots objects (receiver/session.py `_TrackClock`, `TrackStats`); their slots are found
+ * by name once a type, through the member descriptors `__slots__` makes, and read and written
+ * at their offsets as CPython's own slot access does. Every value is checked before anything
+ * is written, so False always means the frame changed nothing; so does any value out of the
+ * range kept here (|value| <= 2^60, the timestamp's product with the rate), which the general
+ * path then places as it places every other frame. */
+#define LIMIT (1LL << 60)
+#define MAX_RATE 65536
+
+enum { NEXT_CHUNK, FRAME_BYTES, CURSOR, OFFSET, FRAME_SAMPLES, FRAME_TOLERANCE, SHIFT, PENDING,
+       PENDING_START, PENDING_SAMPLES, STATS, CLOCK_SLOTS };
+static const char *clock_names[CLOCK_SLOTS] = {
+    "next_chunk", "frame_bytes", "cursor", "offset", "frame_samples", "frame_tolerance",
+    "shift", "pending", "pending_start", "pending_samples", "stats"};
+enum { FRAMES, BYTES, LAST_CHUNK, LAST_TIMESTAMP_MS, AUDIO_SAMPLES, SAMPLES, STATS_SLOTS };
+static const char *stats_names[STATS_SLOTS] = {
+    "frames", "bytes", "last_chunk", "last_timestamp_ms", "audio_samples", "samples"};
+_Static_assert((int)STATS_SLOTS <= (int)CLOCK_SLOTS, "Slots.offsets holds either type's");
+
+typedef struct {
+    PyTypeObject *type; /* a strong reference: the offsets belong to it */
+    Py_ssize_t offsets[CLOCK_SLOTS]; /* the clock's slots outnumber the stats' */
+} Slots;
+
+static Slots clock_slots, stats_slots;
+
+/* The offsets of type's slots `names`; -1 with TypeError if one is not a plain slot. */
+static int
+bind(Slots *slots, PyTypeObject *type, const char **names, int count)
+{
+    Py_ssize_t offsets[sizeof(slots->offsets) / sizeof(slots->offsets[0])];
+    for (int i = 0; i < count; i++) {
+        PyObject *descr = PyDict_GetItemString(type->tp_dict, names[i]);
+        PyMemberDef *member =
+            descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)
+                ? ((PyMemberDescrObject *)descr)->d_member
+                : NULL;
+        if (member == NULL || member->type != T_OBJECT_EX || (member->flags & READONLY)) {
+            PyErr_Format(PyExc_TypeError, "%s.%s is not a slot", type->tp_name, names[i]);
+            return -1;
+        }
+        offsets[i] = member->offset;
+    }
+    memcpy(slots->offsets, offsets, count * sizeof(offsets[0])); /* none unless all are found */
+    Py_XSETREF(slots->type, (PyTypeObject *)Py_NewRef(type));
+    return 0;
+}
+
+#define SLOT(obj, slots, i) ((PyObject **)((char *)(obj) + (slots).offsets[i]))
+
+/* An exact int within LIMIT, else 0 (not one the fast path takes). */
+static int
+small_int(PyObject *value, long long *out)
+{
+    if (value == NULL || !PyLong_CheckExact(value)) {
+        return 0;
+    }
+    int overflow;
+    *out = PyLong_AsLongLongAndOverflow(value, &overflow);
+    return !overflow && *out >= -LIMIT && *out <= LIMIT;
+}
+
+static PyObject *
+steady(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "steady(clock, frame, rate, max_samples)");
+        return NULL;
+    }
+    PyObject *clock = args[0], *frame = args[1];
+    if (Py_TYPE(clock) != clock_slots.type &&
+        bind(&clock_slots, Py_TYPE(clock), clock_names, CLOCK_SLOTS) < 0) {
+        return NULL;
+    }
+    if (!PyTuple_Check(frame) || PyTuple_GET_SIZE(frame) < 4) {
+        PyErr_SetString(PyExc_TypeError, "frame must be a Media");
+        return NULL;
+    }
+    PyObject *payload = PyTuple_GET_ITEM(frame, 1), *chunk_obj = PyTuple_GET_ITEM(frame, 2),
+             *timestamp_obj = PyTuple_GET_ITEM(frame, 3);
+    long long chunk, timestamp, next_chunk, frame_bytes, rate, max_samples;
+    if (!PyBytes_CheckExact(payload) || !small_int(chunk_obj, &chunk) ||
+        !small_int(timestamp_obj, &timestamp) || timestamp < 0 ||
+        !small_int(*SLOT(clock, clock_slots, NEXT_CHUNK), &next_chunk) ||
+        chunk != next_chunk ||
+        !small_int(*SLOT(clock, clock_slots, FRAME_BYTES), &frame_bytes) ||
+        PyBytes_GET_SIZE(payload) != frame_bytes || !small_int(args[2], &rate) || rate < 0 ||
+        rate > MAX_RATE || !small_int(args[3], &max_samples) || timestamp > LIMIT / MAX_RATE) {
+        Py_RETURN_FALSE;
+    }
+    long long cursor, offset, n, tolerance, shift, pending_samples;
+    PyObject *pending = *SLOT(clock, clock_slots, PENDING);
+    PyObject *stats = *SLOT(clock, clock_slots, STATS);
+    if (!small_int(*SLOT(clock, clock_slots, CURSOR), &cursor) ||
+        !small_int(*SLOT(clock, clock_slots, OFFSET), &offset) ||
+        !small_int(*SLOT(clock, clock_slots, FRAME_SAMPLES), &n) ||
+        !small_int(*SLOT(clock, clock_slots, FRAME_TOLERANCE), &tolerance) ||
+        !small_int(*SLOT(clock, clock_slots, SHIFT), &shift) ||
+        !small_int(*SLOT(clock, clock_slots, PENDING_SAMPLES), &pending_samples) ||
+        pending == NULL || !PyList_CheckExact(pending) || stats == NULL) {
+        Py_RETURN_FALSE;
+    }
+    long long target = timestamp * rate / 1000 - offset; /* both >= 0: as Python's // */
+    long long delta = target - cursor;
+    if (!(-tolerance <= delta && delta <= tolerance && (delta >= 0 || shift + delta > -n) &&
+          target + n <= max_samples)) {
+        Py_RETURN_FALSE;
+    }
+    if (Py_TYPE(stats) != stats_slots.type &&
+        bind(&stats_slots, Py_TYPE(stats), stats_names, STATS_SLOTS) < 0) {
+        return NULL;
+    }
+    long long frames, bytes, audio_samples;
+    if (!small_int(*SLOT(stats, stats_slots, FRAMES), &frames) ||
+        !small_int(*SLOT(stats, stats_slots, BYTES), &bytes) ||
+        !small_int(*SLOT(stats, stats_slots, AUDIO_SAMPLES), &audio_samples)) {
+        Py_RETURN_FALSE;
+    }
+    int started = PyList_GET_SIZE(pending) == 0; /* the batch starts with this frame */
+    /* Every new value first: past this block nothing can fail. */
+    PyObject *values[] = {
+        PyLong_FromLongLong(frames + 1),       PyLong_FromLongLong(bytes + frame_bytes),
+        PyLong_FromLongLong(chunk + 1),        PyLong_FromLongLong(-delta),
+        PyLong_FromLongLong(pending_samples + n), PyLong_FromLongLong(cursor + n),
+        PyLong_FromLongLong(audio_samples + n),
+        started ? PyLong_FromLongLong(cursor) : Py_NewRef(Py_None),
+    };
+    enum { V_FRAMES, V_BYTES, V_NEXT_CHUNK, V_SHIFT, V_PENDING_SAMPLES, V_CURSOR, V_AUDIO,
+           V_PENDING_START, V_COUNT };
+    int failed = 0;
+    for (int i = 0; i < V_COUNT; i++) {
+        failed |= values[i] == NULL;
+    }
+    if (failed || PyList_Append(pending, payload) < 0) {
+        for (int i = 0; i < V_COUNT; i++) {
+            Py_XDECREF(values[i]);
+        }
+        return NULL;
+    }
+    Py_XSETREF(*SLOT(stats, stats_slots, FRAMES), values[V_FRAMES]);
+    Py_XSETREF(*SLOT(stats, stats_slots, BYTES), values[V_BYTES]);
+    Py_XSETREF(*SLOT(stats, stats_slots, LAST_CHUNK), Py_NewRef(chunk_obj));
+    Py_XSETREF(*SLOT(stats, stats_slots, LAST_TIMESTAMP_MS), Py_NewRef(timestamp_obj));
+    Py_XSETREF(*SLOT(clock, clock_slots, NEXT_CHUNK), values[V_NEXT_CHUNK]);
+    Py_XSETREF(*SLOT(clock, clock_slots, SHIFT), values[V_SHIFT]);
+    if (started) {
+        Py_XSETREF(*SLOT(clock, clock_slots, PENDING_START), values[V_PENDING_START]);
+    } else {
+        Py_DECREF(values[V_PENDING_START]);
+    }
+    Py_XSETREF(*SLOT(clock, clock_slots, PENDING_SAMPLES), values[V_PENDING_SAMPLES]);
+    Py_XSETREF(*SLOT(clock, clock_slots, CURSOR), Py_NewRef(values[V_CURSOR]));
+    Py_XSETREF(*SLOT(stats, stats_slots, SAMPLES), values[V_CURSOR]);
+    Py_XSETREF(*SLOT(stats, stats_slots, AUDIO_SAMPLES), values[V_AUDIO]);
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef methods[] = {
     {"split_frames", (PyCFunction)(void (*)(void))split_frames, METH_FASTCALL,
      "split_frames(buffer, max_size, messages, control) -> (position, foreign)"},
@@ -536,6 +698,8 @@ static PyMethodDef methods[] = {
      "media(text, cls) -> cls(track, payload, chunk, timestamp, sequence) or None"},
     {"lookup16", (PyCFunction)(void (*)(void))lookup16, METH_FASTCALL,
      "lookup16(data, table) -> bytearray of table[byte] for each byte (int16 samples)"},
+    {"steady", (PyCFunction)(void (*)(void))steady, METH_FASTCALL,
+     "steady(clock, frame, rate, max_samples) -> whether the fast path placed the frame"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,5 +1,7 @@
-# The C twins of frames._split_python, protocol._python_fast_media and codecs._take_python
-# (receiver/_speedups.c).
+# The C twins of frames._split_python, protocol._python_fast_media, codecs._take_python and
+# session._steady_python (receiver/_speedups.c).
+from typing import Any
+
 from receiver.events import Media
 
 def split_frames(
@@ -7,3 +9,4 @@ def split_frames(
 ) -> tuple[int, bool]: ...
 def media(text: str, cls: type[Media], /) -> Media | None: ...
 def lookup16(data: bytes | bytearray | memoryview, table: object, /) -> bytearray: ...
+def steady(clock: Any, frame: Media, rate: int, max_samples: int, /) -> bool: ...

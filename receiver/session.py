@@ -146,6 +146,57 @@ class _TrackClock:
     frame_tolerance: int = 0
 
 
+def _steady_python(clock: _TrackClock, frame: Media, rate: int, max_samples: int) -> bool:
+    """Place a frame that continues its track as the general path would; False (nothing
+    changed) for any other frame, which the general path then places.
+
+    Nearly every frame: the next chunk, as long as the last frame, stamped within its tolerance
+    of the cursor and not wholly behind where the last frame went. The reference for
+    ``receiver._speedups.steady``, its C twin (tests/test_speedups.py holds the two to the same
+    results; tests/test_fuzz_session.py holds this path to the general one).
+    """
+    _, payload, chunk, timestamp, _ = frame
+    if chunk is None or chunk != clock.next_chunk or timestamp is None:
+        return False
+    size = len(payload)
+    if size != clock.frame_bytes:
+        return False
+    cursor = clock.cursor
+    target = timestamp * rate // 1000 - clock.offset
+    delta = target - cursor
+    n = clock.frame_samples
+    tolerance = clock.frame_tolerance
+    if not (
+        -tolerance <= delta <= tolerance
+        and (delta >= 0 or clock.shift + delta > -n)
+        and target + n <= max_samples
+    ):
+        return False
+    stats = clock.stats
+    stats.frames += 1
+    stats.bytes += size
+    stats.last_chunk = chunk
+    stats.last_timestamp_ms = timestamp
+    clock.next_chunk = chunk + 1
+    clock.shift = -delta
+    pending = clock.pending
+    if not pending:
+        clock.pending_start = cursor
+    pending.append(payload)
+    clock.pending_samples += n
+    cursor += n
+    clock.cursor = cursor
+    stats.audio_samples += n
+    stats.samples = cursor
+    return True
+
+
+try:
+    from receiver._speedups import steady as _steady
+except ImportError:  # built without a compiler: the Python twin
+    _steady = _steady_python
+
+
 class Session:
     """Place frames of one stream in time; return decoded batches ready for the sinks.
 
@@ -195,49 +246,14 @@ class Session:
 
     def media(self, frame: Media) -> Sequence[AudioBatch]:
         """Place one frame; return the batches it completed (usually none)."""
-        track, payload, chunk, timestamp, _ = frame
-        size = len(payload)
+        track = frame.track
         clock = self._tracks.get(track)
-        if (
-            clock is not None
-            and chunk is not None
-            and chunk == clock.next_chunk
-            and size == clock.frame_bytes
-            and timestamp is not None
-        ):
-            # Nearly every frame: the next chunk, as long as the last frame, stamped within its
-            # tolerance of the cursor and not wholly behind where the last frame went: what the
-            # general path below does with it, in fewer steps (``python -m bench.core`` prints
-            # both and their ratio). tests/test_fuzz_session.py holds the two paths equal.
-            cursor = clock.cursor
-            target = timestamp * self.rate // 1000 - clock.offset
-            delta = target - cursor
-            n = clock.frame_samples
-            tolerance = clock.frame_tolerance
-            if (
-                -tolerance <= delta <= tolerance
-                and (delta >= 0 or clock.shift + delta > -n)
-                and target + n <= self.max_samples
-            ):
-                stats = clock.stats
-                stats.frames += 1
-                stats.bytes += size
-                stats.last_chunk = chunk
-                stats.last_timestamp_ms = timestamp
-                clock.next_chunk = chunk + 1
-                clock.shift = -delta
-                pending = clock.pending
-                if not pending:
-                    clock.pending_start = cursor
-                pending.append(payload)
-                clock.pending_samples += n
-                cursor += n
-                clock.cursor = cursor
-                stats.audio_samples += n
-                stats.samples = cursor
-                if clock.pending_samples >= self.batch_samples:
-                    return list(self._flush_track(track, clock))
-                return _NOTHING
+        if clock is not None and _steady(clock, frame, self.rate, self.max_samples):
+            if clock.pending_samples >= self.batch_samples:
+                return list(self._flush_track(track, clock))
+            return _NOTHING
+        _, payload, chunk, timestamp, _ = frame
+        size = len(payload)
         bytes_per_sample = self._bytes_per_sample
         if size % bytes_per_sample:
             raise MalformedMessage(

@@ -5,6 +5,7 @@ Python path decides), never a different answer; the same samples from a G.711 ta
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import sys
 from typing import Any
@@ -18,7 +19,8 @@ from hypothesis import strategies as st
 # with a compiler, so the suite tests the loops that are deployed).
 from receiver import _speedups as speedups
 from receiver import codecs, frames, protocol
-from receiver.events import Media
+from receiver import session as session_module
+from receiver.events import Media, MediaFormat, Start
 from tests.support.fuzzing import fuzz
 from tests.support.strategies import SPLIT_MAX_SIZE, client_frame, media_msg
 
@@ -34,6 +36,7 @@ def test_the_c_build_is_in_use() -> None:
     assert frames.split_frames is speedups.split_frames
     assert protocol._c_media is speedups.media
     assert codecs._take is codecs._take_c
+    assert session_module._steady is speedups.steady
 
 
 def test_serve_warns_when_the_c_build_is_missing(
@@ -258,3 +261,127 @@ def test_the_c_table_lookup_refuses_a_table_of_another_size() -> None:
         speedups.lookup16(b"x", codecs._MULAW_DECODE[:255])
     with pytest.raises(TypeError):
         speedups.lookup16("text", codecs._MULAW_DECODE)
+
+
+def snapshot(clock: Any) -> tuple[Any, ...]:
+    """Every slot of a clock and of its stats, the pending payloads' identities too."""
+    state = {name: getattr(clock, name) for name in clock.__slots__ if name != "stats"}
+    state["pending"] = [id(p) for p in clock.pending]
+    stats = {name: getattr(clock.stats, name) for name in clock.stats.__slots__}
+    # Exact types: an int where the Python twin leaves an int (never a bool or a float).
+    return tuple(state.items()), tuple(stats.items()), [type(v) for v in stats.values()]
+
+
+@st.composite
+def steady_cases(draw: st.DrawFn) -> tuple[Any, Media, int, int]:
+    """A track's clock and a frame around the fast path's every bound (in its range)."""
+    rate = draw(st.sampled_from([8000, 16000, 24000, 48000]))
+    bytes_per_sample = draw(st.sampled_from([1, 2]))
+    n = draw(st.sampled_from([1, 80, 160, 320, 960]))
+    tolerance = draw(st.sampled_from([n // 2, max(n // 2, rate // 1000), 0, n]))
+    cursor = draw(st.integers(0, 10**9) | st.integers(0, 4 * n))
+    offset = draw(st.integers(-(10**6), 10**6) | st.just(0))
+    steady = draw(st.booleans())  # half the cases continue the track but for one bound
+    next_chunk = draw(st.integers(0, 10**12) if steady else st.none() | st.integers(0, 10**12))
+    chunk = next_chunk
+    if not steady:
+        chunk = draw(
+            st.none()
+            | st.just(next_chunk)
+            | st.integers(0, 10**12)
+            | st.sampled_from([-1, 2**63, 10**15])  # out of the C range: the general path's
+        )
+    # A stamp around the cursor: within, at, and past the tolerance either side.
+    d = draw(st.integers(-tolerance - 2, tolerance + 2) | st.integers(-3 * n - 2, 3 * n + 2))
+    timestamp = draw(
+        st.just(max(0, (cursor + offset + d) * 1000 // rate))
+        | st.just(max(0, -(-(cursor + offset + d) * 1000 // rate)))
+        | (st.none() | st.integers(0, 10**15) if not steady else st.nothing())
+    )
+    size = n * bytes_per_sample + draw(st.sampled_from([0, 0, 0, 0, 0, -1, 1]))
+    # Where the stamp puts the frame: the bounds on the track's length and on the overlap with
+    # the last frame are drawn at, and one past, that place.
+    target = cursor if timestamp is None else timestamp * rate // 1000 - offset
+    edge = st.sampled_from([target + n, target + n - 1])
+    max_samples = draw(edge | st.just(2**40) | st.just(2**40) | st.integers(0, 2 * 10**9))
+    clock = session_module._TrackClock(silence_left=draw(st.integers(0, 10**8)))
+    clock.cursor, clock.offset, clock.next_chunk = cursor, offset, next_chunk
+    delta = target - cursor
+    overlap = st.sampled_from([-n - delta, 1 - n - delta])
+    clock.shift = draw(overlap | overlap | st.integers(-2 * n, 2 * n))
+    clock.frame_bytes = n * bytes_per_sample
+    clock.frame_samples, clock.frame_tolerance = n, tolerance
+    clock.pending = [bytes(clock.frame_bytes)] * draw(st.integers(0, 3))
+    clock.pending_samples = n * len(clock.pending)
+    clock.pending_start = draw(st.integers(0, cursor))
+    stats = clock.stats
+    stats.frames = draw(st.integers(0, 10**7))
+    stats.bytes, stats.audio_samples = stats.frames * clock.frame_bytes, stats.frames * n
+    stats.samples = cursor
+    stats.last_chunk = draw(st.none() | st.integers(0, 10**12))
+    stats.last_timestamp_ms = draw(st.none() | st.integers(0, 10**12))
+    frame = Media("inbound", bytes(max(0, size)), chunk, timestamp)
+    return clock, frame, rate, max_samples
+
+
+@given(steady_cases())
+@fuzz
+def test_the_c_fast_path_places_as_the_python_one(case: tuple[Any, Media, int, int]) -> None:
+    """From any clock, the same answer and the same clock and stats after (or none touched)."""
+    clock, frame, rate, max_samples = case
+    twin = copy.deepcopy(clock)
+    twin.pending = list(clock.pending)  # the same payload objects: identities compare
+    before = snapshot(clock)
+    placed = speedups.steady(clock, frame, rate, max_samples)
+    expected = session_module._steady_python(twin, frame, rate, max_samples)
+    in_range = all(
+        v is None or abs(v) <= 2**60 for v in (frame.chunk, frame.timestamp_ms, clock.next_chunk)
+    ) and (frame.timestamp_ms is None or frame.timestamp_ms <= 2**60 // 65536)
+    if in_range:
+        assert placed is expected
+    else:
+        assert placed is False  # the general path places it, as it does any other frame
+    assert snapshot(clock) == (snapshot(twin) if placed else before)
+    if placed:
+        assert clock.pending[-1] is frame.payload
+
+
+def test_the_c_fast_path_refuses_what_is_not_its_clock() -> None:
+    """Objects without the clock's slots are an error of ours, said loudly."""
+
+    class Other:
+        __slots__ = ("cursor",)
+
+    with pytest.raises(TypeError, match="next_chunk is not a slot"):
+        speedups.steady(Other(), Media("inbound", b"", 1, 1), 8000, 10)
+    # The clock's type is still the one bound: a Session still places frames through it.
+    pcmu = MediaFormat("audio/x-mulaw", 8000)
+    s = session_module.Session(Start("MZ1", pcmu), codec=codecs.codec_for(pcmu))
+    for i in range(3):
+        s.media(Media("inbound", bytes(160), i + 1, i * 20))
+    assert s.track_stats["inbound"].frames == 3
+
+
+@pytest.mark.parametrize(
+    ("delta", "shift", "max_samples", "placed"),
+    [
+        (0, 0, 10**9, True),
+        (80, 0, 10**9, True),  # at the tolerance, either side
+        (88, 0, 10**9, False),
+        (-80, -79, 10**9, True),  # behind: placed while it overlaps less than a frame
+        (-80, -80, 10**9, False),
+        (0, 0, 1000 + 160, True),  # the track's last sample at the max duration
+        (0, 0, 1000 + 159, False),
+    ],
+)
+def test_the_c_fast_path_bounds(delta: int, shift: int, max_samples: int, placed: bool) -> None:
+    """Each bound of the fast path, at it and one step past, in C and in Python."""
+    results = []
+    for steady in (speedups.steady, session_module._steady_python):
+        clock = session_module._TrackClock(silence_left=0, cursor=1000, shift=shift)
+        clock.next_chunk, clock.frame_bytes, clock.frame_samples = 7, 160, 160
+        clock.frame_tolerance = 80
+        frame = Media("inbound", bytes(160), 7, (1000 + delta) // 8)
+        results.append((steady(clock, frame, 8000, max_samples), clock.cursor, clock.shift))
+    assert results[0] == results[1]
+    assert results[0][0] is placed
