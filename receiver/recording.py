@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, assert_never
 from websockets.frames import Close
 
 from receiver.codecs import codec_for
-from receiver.events import Connected, Dtmf, Mark, Media, Start, Stop, UnknownEvent
+from receiver.events import Connected, Dtmf, Event, Mark, Media, Start, Stop, UnknownEvent
 from receiver.exceptions import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
@@ -34,7 +34,7 @@ from receiver.exceptions import (
 from receiver.logs import StreamLogger
 from receiver.metrics import Count, Counters, ReceiverMetrics
 from receiver.protocol import StreamProtocol
-from receiver.session import Session
+from receiver.session import AudioBatch, Session
 from receiver.settings import Settings
 from receiver.sinks import Fanout, SinkFactory, StreamInfo, StreamSummary
 from receiver.sinks.base import StreamEnd
@@ -122,69 +122,90 @@ class StreamRecording:
             return StreamEnd("error", CLOSE_INTERNAL_ERROR, "internal error")
 
     def _receive(self, messages: Sequence[str | bytes]) -> StreamEnd | None:
-        receive = self.protocol.receive  # bound once a batch: a lookup a frame less
-        for message in messages:
-            self.messages += 1
-            event = receive(message)
-            match event:
-                case Media():
-                    assert self.session is not None and self.fanout is not None
-                    batches = self.session.media(event)
+        # Bound once a batch, counted once a batch: the loop does per frame only what it must.
+        receive = self.protocol.receive
+        place = self.session.media if self.session is not None else None
+        count = 0
+        try:
+            for message in messages:
+                count += 1
+                event = receive(message)
+                if type(event) is Media and place is not None:  # nearly every message
+                    batches = place(event)
                     if batches:  # one frame in ten at 20 ms frames and 200 ms batches
-                        for batch in batches:
-                            self.fanout.write(batch.track, batch.position, batch.samples)
-                        if not self.fanout.alive:
-                            raise RecordingFailed(self.fanout.errors)
-                        if not self.clock_shifted and self.session.clock_shifts:
-                            self.clock_shifted = True  # seen with the next batch at the latest
-                            self.log.warning(
-                                "a frame's timestamp or chunk jumped past RECEIVER_MAX_GAP_S "
-                                "or RECEIVER_MAX_SILENCE_S: silence kept to the limit, the "
-                                "track's clock shifted (clock_jumps, silence_capped in "
-                                "stream.json)"
-                            )
-                case Start():
-                    self._start(event)
-                case Dtmf():
-                    assert self.session is not None and self.fanout is not None
-                    dtmf = self.session.on_dtmf(event)
-                    if dtmf is None:
-                        self._dropped("dtmf", self.session.dropped.dtmf, self.settings.max_dtmf)
-                    else:
-                        self.fanout.event(dtmf)
-                case Mark():
-                    assert self.session is not None and self.fanout is not None
-                    dropped = self.session.dropped
-                    cut = dropped.mark_names_cut
-                    mark = self.session.on_mark(event)
-                    if mark is None:
-                        self._dropped("marks", dropped.marks, self.settings.max_marks)
-                    else:
-                        if dropped.mark_names_cut > cut:
-                            self._dropped("mark_names_cut", dropped.mark_names_cut, 0)
-                        self.fanout.event(mark)
-                case Stop():
-                    self.log.info("stop received")
-                    # The connection's close after a stop is 1000 (ours, or the client's echoed).
-                    return StreamEnd("stop", 1000, None)
-                case Connected():
+                        self._write(batches)
+                    continue
+                end = self._event(event)
+                if end is not None:
+                    return end
+                if place is None and self.session is not None:  # the start made it
+                    place = self.session.media
+            return None
+        finally:
+            self.messages += count
+
+    def _write(self, batches: Sequence[AudioBatch]) -> None:
+        assert self.session is not None and self.fanout is not None
+        for batch in batches:
+            self.fanout.write(batch.track, batch.position, batch.samples)
+        if not self.fanout.alive:
+            raise RecordingFailed(self.fanout.errors)
+        if not self.clock_shifted and self.session.clock_shifts:
+            self.clock_shifted = True  # seen with the next batch at the latest
+            self.log.warning(
+                "a frame's timestamp or chunk jumped past RECEIVER_MAX_GAP_S or "
+                "RECEIVER_MAX_SILENCE_S: silence kept to the limit, the track's clock shifted "
+                "(clock_jumps, silence_capped in stream.json)"
+            )
+
+    def _event(self, event: Event) -> StreamEnd | None:
+        """Any event but a frame the session places: the stream's end if it ends it."""
+        match event:
+            case Media():  # before the start (refused by the protocol), or with no session
+                assert self.session is not None
+                self._write(self.session.media(event))
+            case Start():
+                self._start(event)
+            case Dtmf():
+                assert self.session is not None and self.fanout is not None
+                dtmf = self.session.on_dtmf(event)
+                if dtmf is None:
+                    self._dropped("dtmf", self.session.dropped.dtmf, self.settings.max_dtmf)
+                else:
+                    self.fanout.event(dtmf)
+            case Mark():
+                assert self.session is not None and self.fanout is not None
+                dropped = self.session.dropped
+                cut = dropped.mark_names_cut
+                mark = self.session.on_mark(event)
+                if mark is None:
+                    self._dropped("marks", dropped.marks, self.settings.max_marks)
+                else:
+                    if dropped.mark_names_cut > cut:
+                        self._dropped("mark_names_cut", dropped.mark_names_cut, 0)
+                    self.fanout.event(mark)
+            case Stop():
+                self.log.info("stop received")
+                # The connection's close after a stop is 1000 (ours, or the client's echoed).
+                return StreamEnd("stop", 1000, None)
+            case Connected():
+                pass
+            case UnknownEvent(name=name):
+                self.counters.add(Count.UNKNOWN_EVENTS)
+                if name in self.unknown_events:
                     pass
-                case UnknownEvent(name=name):
-                    self.counters.add(Count.UNKNOWN_EVENTS)
-                    if name in self.unknown_events:
-                        pass
-                    elif len(self.unknown_events) < self.settings.max_unknown_events:
-                        self.unknown_events[name] = None
-                        self.log.info("skipping unknown event %r", shorten(name))
-                    else:
-                        self.unknown_events_dropped += 1
-                        self._dropped(
-                            "unknown_event_names",
-                            self.unknown_events_dropped,
-                            self.settings.max_unknown_events,
-                        )
-                case _:
-                    assert_never(event)
+                elif len(self.unknown_events) < self.settings.max_unknown_events:
+                    self.unknown_events[name] = None
+                    self.log.info("skipping unknown event %r", shorten(name))
+                else:
+                    self.unknown_events_dropped += 1
+                    self._dropped(
+                        "unknown_event_names",
+                        self.unknown_events_dropped,
+                        self.settings.max_unknown_events,
+                    )
+            case _:
+                assert_never(event)
         return None
 
     def _dropped(self, what: str, count: int, limit: int) -> None:
