@@ -146,6 +146,18 @@ class _TrackClock:
     frame_tolerance: int = 0
 
 
+def _append(clock: _TrackClock, payload: bytes, n: int, cursor: int) -> None:
+    """Put a frame's ``n`` samples at ``cursor``, the track's new end, in the pending batch."""
+    pending = clock.pending
+    if not pending:
+        clock.pending_start = cursor
+    pending.append(payload)
+    clock.pending_samples += n
+    clock.cursor = cursor + n
+    clock.stats.audio_samples += n
+    clock.stats.samples = cursor + n
+
+
 def _steady_python(clock: _TrackClock, frame: Media, rate: int, max_samples: int) -> bool:
     """Place a frame that continues its track as the general path would; False (nothing
     changed) for any other frame, which the general path then places.
@@ -179,15 +191,7 @@ def _steady_python(clock: _TrackClock, frame: Media, rate: int, max_samples: int
     stats.last_timestamp_ms = timestamp
     clock.next_chunk = chunk + 1
     clock.shift = -delta
-    pending = clock.pending
-    if not pending:
-        clock.pending_start = cursor
-    pending.append(payload)
-    clock.pending_samples += n
-    cursor += n
-    clock.cursor = cursor
-    stats.audio_samples += n
-    stats.samples = cursor
+    _append(clock, payload, n, cursor)
     return True
 
 
@@ -361,15 +365,7 @@ class Session:
             clock.frame_bytes = size
             clock.frame_samples = size // bytes_per_sample
             clock.frame_tolerance = tolerance
-        pending = clock.pending
-        if not pending:
-            clock.pending_start = cursor
-        pending.append(payload)
-        clock.pending_samples += n
-        cursor += n
-        clock.cursor = cursor
-        stats.audio_samples += n
-        stats.samples = cursor
+        _append(clock, payload, n, cursor)
         if clock.pending_samples >= self.batch_samples:
             out = [*(out or ()), *self._flush_track(track, clock)]
         return out if out is not None else _NOTHING
