@@ -161,7 +161,8 @@ class StreamRecording:
     def _event(self, event: Event) -> StreamEnd | None:
         """Any event but a frame the session places: the stream's end if it ends it."""
         match event:
-            case Media():  # before the start (refused by the protocol), or with no session
+            case Media():  # not reached: the loop places every Media once the start made the
+                # session (a media before it is refused by the protocol); kept for assert_never
                 assert self.session is not None
                 self._write(self.session.media(event))
             case Start():
