@@ -1,6 +1,6 @@
 /* The hot path's loops in C: splitting a client's WebSocket bytes into text frames, parsing
- * the platform's usual media message, placing a frame that continues its track, and decoding
- * G.711 through its table.
+ * the platform's usual media message, placing a frame that continues its track, a run of
+ * such messages parsed and placed in one call, and decoding G.711 through its table.
  *
  * Each is the C twin of a Python function that stays the reference (receiver/frames.py
  * `_split_python`, receiver/protocol.py `_python_fast_media`, receiver/session.py
@@ -9,7 +9,9 @@
  * escapes, canonical base64, three strings of digits, no repeated field) and returns None for
  * anything else, which the Python path then parses or refuses as before: it never accepts
  * what the Python path would refuse. `steady` likewise leaves any frame it does not place to
- * the session's general path.
+ * the session's general path. `place_run` is the two together, a message after another, with
+ * no Python call and no Media between: its reference is the recording's loop calling
+ * `StreamProtocol.receive` and `Session.media` for each (tests/test_speedups.py).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -392,6 +394,86 @@ body(Cursor *c, Body *b)
     return expect(c, '}');
 }
 
+/* The plain media message's fields; payload a new reference, track one of the interned names. */
+typedef struct {
+    PyObject *track;
+    PyObject *payload;
+    long long chunk, timestamp, sequence;
+} Plain;
+
+/* 1 with *m filled if text is the plain media message, 0 if it is not, -1 with an error set. */
+static int
+parse_media(PyObject *text, Plain *m)
+{
+    if (!PyUnicode_CheckExact(text) || !PyUnicode_IS_ASCII(text)) {
+        return 0;
+    }
+    Cursor c = {(const char *)PyUnicode_1BYTE_DATA(text), NULL};
+    c.end = c.at + PyUnicode_GET_LENGTH(text);
+    const char *event = NULL, *sequence = NULL;
+    Py_ssize_t event_n = 0, sequence_n = 0;
+    int have_body = 0;
+    Body b = {0};
+    if (!expect(&c, '{') || expect(&c, '}')) {
+        return 0;
+    }
+    do {
+        const char *key;
+        Py_ssize_t key_n;
+        if (!string(&c, &key, &key_n) || !expect(&c, ':')) {
+            return 0;
+        }
+        if (same(key, key_n, "media")) {
+            if (have_body || !body(&c, &b)) {
+                return 0;
+            }
+            have_body = 1;
+        }
+        else if (same(key, key_n, "event")) {
+            if (event != NULL || !string(&c, &event, &event_n)) {
+                return 0;
+            }
+        }
+        else if (same(key, key_n, "sequenceNumber")) {
+            if (sequence != NULL || !string(&c, &sequence, &sequence_n)) {
+                return 0;
+            }
+        }
+        else if (!skip_value(&c)) {
+            return 0;
+        }
+    } while (expect(&c, ','));
+    if (!expect(&c, '}')) {
+        return 0;
+    }
+    skip_space(&c);
+    if (c.at != c.end || !have_body || event == NULL || !same(event, event_n, "media") ||
+        b.track == NULL || b.payload == NULL || b.chunk == NULL || b.timestamp == NULL ||
+        sequence == NULL) {
+        return 0;
+    }
+    if (same(b.track, b.track_n, "inbound") || same(b.track, b.track_n, "inbound_track")) {
+        m->track = track_inbound;
+    }
+    else if (same(b.track, b.track_n, "outbound") ||
+             same(b.track, b.track_n, "outbound_track")) {
+        m->track = track_outbound;
+    }
+    else {
+        return 0;
+    }
+    if (!digits(b.chunk, b.chunk_n, &m->chunk) ||
+        !digits(b.timestamp, b.timestamp_n, &m->timestamp) ||
+        !digits(sequence, sequence_n, &m->sequence)) {
+        return 0;
+    }
+    m->payload = base64(b.payload, b.payload_n);
+    if (m->payload == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    return 1;
+}
+
 /* media(text, cls) -> cls(track, payload, chunk, timestamp, sequence) or None */
 static PyObject *
 media(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -401,83 +483,14 @@ media(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "media takes a str and a tuple type");
         return NULL;
     }
-    PyObject *text = args[0];
-    if (!PyUnicode_CheckExact(text) || !PyUnicode_IS_ASCII(text)) {
-        Py_RETURN_NONE;
-    }
-    Cursor c = {(const char *)PyUnicode_1BYTE_DATA(text), NULL};
-    c.end = c.at + PyUnicode_GET_LENGTH(text);
-    const char *event = NULL, *sequence = NULL;
-    Py_ssize_t event_n = 0, sequence_n = 0;
-    int have_body = 0;
-    Body b = {0};
-    if (!expect(&c, '{')) {
-        Py_RETURN_NONE;
-    }
-    if (expect(&c, '}')) {
-        Py_RETURN_NONE;
-    }
-    do {
-        const char *key;
-        Py_ssize_t key_n;
-        if (!string(&c, &key, &key_n) || !expect(&c, ':')) {
-            Py_RETURN_NONE;
-        }
-        if (same(key, key_n, "media")) {
-            if (have_body || !body(&c, &b)) {
-                Py_RETURN_NONE;
-            }
-            have_body = 1;
-        }
-        else if (same(key, key_n, "event")) {
-            if (event != NULL || !string(&c, &event, &event_n)) {
-                Py_RETURN_NONE;
-            }
-        }
-        else if (same(key, key_n, "sequenceNumber")) {
-            if (sequence != NULL || !string(&c, &sequence, &sequence_n)) {
-                Py_RETURN_NONE;
-            }
-        }
-        else if (!skip_value(&c)) {
-            Py_RETURN_NONE;
-        }
-    } while (expect(&c, ','));
-    if (!expect(&c, '}')) {
-        Py_RETURN_NONE;
-    }
-    skip_space(&c);
-    if (c.at != c.end || !have_body || event == NULL || !same(event, event_n, "media") ||
-        b.track == NULL || b.payload == NULL || b.chunk == NULL || b.timestamp == NULL ||
-        sequence == NULL) {
-        Py_RETURN_NONE;
-    }
-    PyObject *track;
-    if (same(b.track, b.track_n, "inbound") || same(b.track, b.track_n, "inbound_track")) {
-        track = track_inbound;
-    }
-    else if (same(b.track, b.track_n, "outbound") ||
-             same(b.track, b.track_n, "outbound_track")) {
-        track = track_outbound;
-    }
-    else {
-        Py_RETURN_NONE;
-    }
-    long long chunk, timestamp, sequence_number;
-    if (!digits(b.chunk, b.chunk_n, &chunk) || !digits(b.timestamp, b.timestamp_n, &timestamp) ||
-        !digits(sequence, sequence_n, &sequence_number)) {
-        Py_RETURN_NONE;
-    }
-    PyObject *payload = base64(b.payload, b.payload_n);
-    if (payload == NULL) {
-        if (PyErr_Occurred()) {
-            return NULL;
-        }
-        Py_RETURN_NONE;
+    Plain m;
+    int found = parse_media(args[0], &m);
+    if (found <= 0) {
+        return found < 0 ? NULL : Py_NewRef(Py_None);
     }
     PyTypeObject *cls = (PyTypeObject *)args[1];
-    PyObject *items[5] = {Py_NewRef(track), payload, PyLong_FromLongLong(chunk),
-                          PyLong_FromLongLong(timestamp), PyLong_FromLongLong(sequence_number)};
+    PyObject *items[5] = {Py_NewRef(m.track), m.payload, PyLong_FromLongLong(m.chunk),
+                          PyLong_FromLongLong(m.timestamp), PyLong_FromLongLong(m.sequence)};
     PyObject *result = NULL;
     if (items[2] != NULL && items[3] != NULL && items[4] != NULL) {
         result = cls->tp_alloc(cls, 5);
@@ -596,6 +609,96 @@ small_int(PyObject *value, long long *out)
     return !overflow && *out >= -LIMIT && *out <= LIMIT;
 }
 
+/* Place one frame on the steady path: 1 placed, 0 left to the general path (nothing changed),
+ * -1 with an error set. chunk_obj and timestamp_obj are the frame's ints, or NULL to make them
+ * from chunk and timestamp. */
+static int
+place(PyObject *clock, PyObject *payload, long long chunk, PyObject *chunk_obj,
+      long long timestamp, PyObject *timestamp_obj, long long rate, long long max_samples)
+{
+    if (Py_TYPE(clock) != clock_slots.type &&
+        bind(&clock_slots, Py_TYPE(clock), clock_names, CLOCK_SLOTS) < 0) {
+        return -1;
+    }
+    long long next_chunk, frame_bytes;
+    if (!PyBytes_CheckExact(payload) || chunk < -LIMIT || chunk > LIMIT || timestamp < 0 ||
+        timestamp > LIMIT / MAX_RATE ||
+        !small_int(*SLOT(clock, clock_slots, NEXT_CHUNK), &next_chunk) ||
+        chunk != next_chunk ||
+        !small_int(*SLOT(clock, clock_slots, FRAME_BYTES), &frame_bytes) ||
+        PyBytes_GET_SIZE(payload) != frame_bytes || rate < 0 || rate > MAX_RATE ||
+        max_samples < -LIMIT || max_samples > LIMIT) {
+        return 0;
+    }
+    long long cursor, offset, n, tolerance, shift, pending_samples;
+    PyObject *pending = *SLOT(clock, clock_slots, PENDING);
+    PyObject *stats = *SLOT(clock, clock_slots, STATS);
+    if (!small_int(*SLOT(clock, clock_slots, CURSOR), &cursor) ||
+        !small_int(*SLOT(clock, clock_slots, OFFSET), &offset) ||
+        !small_int(*SLOT(clock, clock_slots, FRAME_SAMPLES), &n) ||
+        !small_int(*SLOT(clock, clock_slots, FRAME_TOLERANCE), &tolerance) ||
+        !small_int(*SLOT(clock, clock_slots, SHIFT), &shift) ||
+        !small_int(*SLOT(clock, clock_slots, PENDING_SAMPLES), &pending_samples) ||
+        pending == NULL || !PyList_CheckExact(pending) || stats == NULL) {
+        return 0;
+    }
+    long long target = timestamp * rate / 1000 - offset; /* both >= 0: as Python's // */
+    long long delta = target - cursor;
+    if (!(-tolerance <= delta && delta <= tolerance && (delta >= 0 || shift + delta > -n) &&
+          target + n <= max_samples)) {
+        return 0;
+    }
+    if (Py_TYPE(stats) != stats_slots.type &&
+        bind(&stats_slots, Py_TYPE(stats), stats_names, STATS_SLOTS) < 0) {
+        return -1;
+    }
+    long long frames, bytes, audio_samples;
+    if (!small_int(*SLOT(stats, stats_slots, FRAMES), &frames) ||
+        !small_int(*SLOT(stats, stats_slots, BYTES), &bytes) ||
+        !small_int(*SLOT(stats, stats_slots, AUDIO_SAMPLES), &audio_samples)) {
+        return 0;
+    }
+    int started = PyList_GET_SIZE(pending) == 0; /* the batch starts with this frame */
+    /* Every new value first: past this block nothing can fail. */
+    PyObject *values[] = {
+        PyLong_FromLongLong(frames + 1),       PyLong_FromLongLong(bytes + frame_bytes),
+        PyLong_FromLongLong(chunk + 1),        PyLong_FromLongLong(-delta),
+        PyLong_FromLongLong(pending_samples + n), PyLong_FromLongLong(cursor + n),
+        PyLong_FromLongLong(audio_samples + n),
+        started ? PyLong_FromLongLong(cursor) : Py_NewRef(Py_None),
+        chunk_obj != NULL ? Py_NewRef(chunk_obj) : PyLong_FromLongLong(chunk),
+        timestamp_obj != NULL ? Py_NewRef(timestamp_obj) : PyLong_FromLongLong(timestamp),
+    };
+    enum { V_FRAMES, V_BYTES, V_NEXT_CHUNK, V_SHIFT, V_PENDING_SAMPLES, V_CURSOR, V_AUDIO,
+           V_PENDING_START, V_CHUNK, V_TIMESTAMP, V_COUNT };
+    int failed = 0;
+    for (int i = 0; i < V_COUNT; i++) {
+        failed |= values[i] == NULL;
+    }
+    if (failed || PyList_Append(pending, payload) < 0) {
+        for (int i = 0; i < V_COUNT; i++) {
+            Py_XDECREF(values[i]);
+        }
+        return -1;
+    }
+    Py_XSETREF(*SLOT(stats, stats_slots, FRAMES), values[V_FRAMES]);
+    Py_XSETREF(*SLOT(stats, stats_slots, BYTES), values[V_BYTES]);
+    Py_XSETREF(*SLOT(stats, stats_slots, LAST_CHUNK), values[V_CHUNK]);
+    Py_XSETREF(*SLOT(stats, stats_slots, LAST_TIMESTAMP_MS), values[V_TIMESTAMP]);
+    Py_XSETREF(*SLOT(clock, clock_slots, NEXT_CHUNK), values[V_NEXT_CHUNK]);
+    Py_XSETREF(*SLOT(clock, clock_slots, SHIFT), values[V_SHIFT]);
+    if (started) {
+        Py_XSETREF(*SLOT(clock, clock_slots, PENDING_START), values[V_PENDING_START]);
+    } else {
+        Py_DECREF(values[V_PENDING_START]);
+    }
+    Py_XSETREF(*SLOT(clock, clock_slots, PENDING_SAMPLES), values[V_PENDING_SAMPLES]);
+    Py_XSETREF(*SLOT(clock, clock_slots, CURSOR), Py_NewRef(values[V_CURSOR]));
+    Py_XSETREF(*SLOT(stats, stats_slots, SAMPLES), values[V_CURSOR]);
+    Py_XSETREF(*SLOT(stats, stats_slots, AUDIO_SAMPLES), values[V_AUDIO]);
+    return 1;
+}
+
 static PyObject *
 steady(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -612,83 +715,87 @@ steady(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "frame must be a Media");
         return NULL;
     }
-    PyObject *payload = PyTuple_GET_ITEM(frame, 1), *chunk_obj = PyTuple_GET_ITEM(frame, 2),
-             *timestamp_obj = PyTuple_GET_ITEM(frame, 3);
-    long long chunk, timestamp, next_chunk, frame_bytes, rate, max_samples;
-    if (!PyBytes_CheckExact(payload) || !small_int(chunk_obj, &chunk) ||
-        !small_int(timestamp_obj, &timestamp) || timestamp < 0 ||
-        !small_int(*SLOT(clock, clock_slots, NEXT_CHUNK), &next_chunk) ||
-        chunk != next_chunk ||
-        !small_int(*SLOT(clock, clock_slots, FRAME_BYTES), &frame_bytes) ||
-        PyBytes_GET_SIZE(payload) != frame_bytes || !small_int(args[2], &rate) || rate < 0 ||
-        rate > MAX_RATE || !small_int(args[3], &max_samples) || timestamp > LIMIT / MAX_RATE) {
+    PyObject *chunk_obj = PyTuple_GET_ITEM(frame, 2), *timestamp_obj = PyTuple_GET_ITEM(frame, 3);
+    long long chunk, timestamp, rate, max_samples;
+    if (!small_int(chunk_obj, &chunk) || !small_int(timestamp_obj, &timestamp) ||
+        !small_int(args[2], &rate) || !small_int(args[3], &max_samples)) {
         Py_RETURN_FALSE;
     }
-    long long cursor, offset, n, tolerance, shift, pending_samples;
-    PyObject *pending = *SLOT(clock, clock_slots, PENDING);
-    PyObject *stats = *SLOT(clock, clock_slots, STATS);
-    if (!small_int(*SLOT(clock, clock_slots, CURSOR), &cursor) ||
-        !small_int(*SLOT(clock, clock_slots, OFFSET), &offset) ||
-        !small_int(*SLOT(clock, clock_slots, FRAME_SAMPLES), &n) ||
-        !small_int(*SLOT(clock, clock_slots, FRAME_TOLERANCE), &tolerance) ||
-        !small_int(*SLOT(clock, clock_slots, SHIFT), &shift) ||
-        !small_int(*SLOT(clock, clock_slots, PENDING_SAMPLES), &pending_samples) ||
-        pending == NULL || !PyList_CheckExact(pending) || stats == NULL) {
-        Py_RETURN_FALSE;
-    }
-    long long target = timestamp * rate / 1000 - offset; /* both >= 0: as Python's // */
-    long long delta = target - cursor;
-    if (!(-tolerance <= delta && delta <= tolerance && (delta >= 0 || shift + delta > -n) &&
-          target + n <= max_samples)) {
-        Py_RETURN_FALSE;
-    }
-    if (Py_TYPE(stats) != stats_slots.type &&
-        bind(&stats_slots, Py_TYPE(stats), stats_names, STATS_SLOTS) < 0) {
+    int placed = place(clock, PyTuple_GET_ITEM(frame, 1), chunk, chunk_obj, timestamp,
+                       timestamp_obj, rate, max_samples);
+    if (placed < 0) {
         return NULL;
     }
-    long long frames, bytes, audio_samples;
-    if (!small_int(*SLOT(stats, stats_slots, FRAMES), &frames) ||
-        !small_int(*SLOT(stats, stats_slots, BYTES), &bytes) ||
-        !small_int(*SLOT(stats, stats_slots, AUDIO_SAMPLES), &audio_samples)) {
-        Py_RETURN_FALSE;
+    return PyBool_FromLong(placed);
+}
+
+/* place_run(messages, start, tracks, rate, max_samples, batch_samples) -> (end, due): from
+ * messages[start], each plain media message (parse_media's) that its track's clock in `tracks`
+ * takes on the steady path (place's) is placed, with no Media and no Python call a frame. It
+ * stops before the first message it does not take (due None), or after a frame that brings
+ * its track's pending samples to batch_samples (due that track). */
+static PyObject *
+place_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6 || !PyDict_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "place_run(messages, start, tracks: dict, rate, max_samples, "
+                        "batch_samples)");
+        return NULL;
     }
-    int started = PyList_GET_SIZE(pending) == 0; /* the batch starts with this frame */
-    /* Every new value first: past this block nothing can fail. */
-    PyObject *values[] = {
-        PyLong_FromLongLong(frames + 1),       PyLong_FromLongLong(bytes + frame_bytes),
-        PyLong_FromLongLong(chunk + 1),        PyLong_FromLongLong(-delta),
-        PyLong_FromLongLong(pending_samples + n), PyLong_FromLongLong(cursor + n),
-        PyLong_FromLongLong(audio_samples + n),
-        started ? PyLong_FromLongLong(cursor) : Py_NewRef(Py_None),
-    };
-    enum { V_FRAMES, V_BYTES, V_NEXT_CHUNK, V_SHIFT, V_PENDING_SAMPLES, V_CURSOR, V_AUDIO,
-           V_PENDING_START, V_COUNT };
-    int failed = 0;
-    for (int i = 0; i < V_COUNT; i++) {
-        failed |= values[i] == NULL;
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    if (start == -1 && PyErr_Occurred()) {
+        return NULL;
     }
-    if (failed || PyList_Append(pending, payload) < 0) {
-        for (int i = 0; i < V_COUNT; i++) {
-            Py_XDECREF(values[i]);
+    if (start < 0) {
+        PyErr_SetString(PyExc_ValueError, "place_run's start must be >= 0");
+        return NULL;
+    }
+    long long rate, max_samples, batch_samples;
+    if (!small_int(args[3], &rate) || !small_int(args[4], &max_samples) ||
+        !small_int(args[5], &batch_samples)) {
+        return Py_BuildValue("(nO)", start, Py_None); /* none taken */
+    }
+    PyObject *list = PySequence_Fast(args[0], "place_run's messages must be a sequence");
+    if (list == NULL) {
+        return NULL;
+    }
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(list), i;
+    PyObject **items = PySequence_Fast_ITEMS(list);
+    PyObject *due = Py_None;
+    for (i = start; i < count; i++) {
+        Plain m;
+        int found = parse_media(items[i], &m);
+        if (found <= 0) {
+            if (found < 0) {
+                goto failed;
+            }
+            break;
         }
-        return NULL;
+        PyObject *clock = PyDict_GetItemWithError(args[2], m.track);
+        int placed = clock == NULL ? (PyErr_Occurred() ? -1 : 0)
+                                   : place(clock, m.payload, m.chunk, NULL, m.timestamp, NULL,
+                                           rate, max_samples);
+        Py_DECREF(m.payload); /* the pending list holds it if it was placed */
+        if (placed < 0) {
+            goto failed;
+        }
+        if (!placed) {
+            break;
+        }
+        long long pending;
+        if (small_int(*SLOT(clock, clock_slots, PENDING_SAMPLES), &pending) &&
+            pending >= batch_samples) {
+            due = m.track;
+            i++;
+            break;
+        }
     }
-    Py_XSETREF(*SLOT(stats, stats_slots, FRAMES), values[V_FRAMES]);
-    Py_XSETREF(*SLOT(stats, stats_slots, BYTES), values[V_BYTES]);
-    Py_XSETREF(*SLOT(stats, stats_slots, LAST_CHUNK), Py_NewRef(chunk_obj));
-    Py_XSETREF(*SLOT(stats, stats_slots, LAST_TIMESTAMP_MS), Py_NewRef(timestamp_obj));
-    Py_XSETREF(*SLOT(clock, clock_slots, NEXT_CHUNK), values[V_NEXT_CHUNK]);
-    Py_XSETREF(*SLOT(clock, clock_slots, SHIFT), values[V_SHIFT]);
-    if (started) {
-        Py_XSETREF(*SLOT(clock, clock_slots, PENDING_START), values[V_PENDING_START]);
-    } else {
-        Py_DECREF(values[V_PENDING_START]);
-    }
-    Py_XSETREF(*SLOT(clock, clock_slots, PENDING_SAMPLES), values[V_PENDING_SAMPLES]);
-    Py_XSETREF(*SLOT(clock, clock_slots, CURSOR), Py_NewRef(values[V_CURSOR]));
-    Py_XSETREF(*SLOT(stats, stats_slots, SAMPLES), values[V_CURSOR]);
-    Py_XSETREF(*SLOT(stats, stats_slots, AUDIO_SAMPLES), values[V_AUDIO]);
-    Py_RETURN_TRUE;
+    Py_DECREF(list);
+    return Py_BuildValue("(nO)", i, due);
+failed:
+    Py_DECREF(list);
+    return NULL;
 }
 
 static PyMethodDef methods[] = {
@@ -700,6 +807,8 @@ static PyMethodDef methods[] = {
      "lookup16(data, table) -> bytearray of table[byte] for each byte (int16 samples)"},
     {"steady", (PyCFunction)(void (*)(void))steady, METH_FASTCALL,
      "steady(clock, frame, rate, max_samples) -> whether the fast path placed the frame"},
+    {"place_run", (PyCFunction)(void (*)(void))place_run, METH_FASTCALL,
+     "place_run(messages, start, tracks, rate, max_samples, batch_samples) -> (end, due)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -196,9 +196,14 @@ def _steady_python(clock: _TrackClock, frame: Media, rate: int, max_samples: int
 
 
 try:
+    from receiver._speedups import place_run as _place_run
     from receiver._speedups import steady as _steady
-except ImportError:  # built without a compiler: the Python twin
+except ImportError:  # built without a compiler: the Python twin, and no run in C
     _steady = _steady_python
+    _place_run = None  # type: ignore[assignment]
+
+PLACES_RUNS = _place_run is not None
+"""Whether ``Session.place_run`` can take frames (it needs the C build)."""
 
 
 class Session:
@@ -247,6 +252,25 @@ class Session:
         self.dropped = Dropped()
         # Jumps of every track's clock so far (their clock_jumps and silence_capped).
         self.clock_shifts = 0
+
+    def place_run(
+        self, messages: Sequence[str | bytes], start: int
+    ) -> tuple[int, Sequence[AudioBatch]]:
+        """``media`` for a run of steady frames, parsed and placed in C: from ``messages[start]``
+        while each is the platform's plain media message (the one ``receiver._speedups.media``
+        parses) that continues its track on the steady path, with no Media and no Python call
+        a frame. Returns where it stopped (before a message it did not take, or after a frame
+        that completed a batch) and that batch. Only for the messages of a streaming protocol:
+        it parses each such message to exactly what the run parses. Takes none without the C
+        build (``PLACES_RUNS``)."""
+        if _place_run is None:
+            return start, _NOTHING
+        end, due = _place_run(
+            messages, start, self._tracks, self.rate, self.max_samples, self.batch_samples
+        )
+        if due is None:
+            return end, _NOTHING
+        return end, list(self._flush_track(due, self._tracks[due]))
 
     def media(self, frame: Media) -> Sequence[AudioBatch]:
         """Place one frame; return the batches it completed (usually none)."""

@@ -8,6 +8,7 @@ import base64
 import copy
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,8 +22,10 @@ from receiver import _speedups as speedups
 from receiver import codecs, frames, protocol
 from receiver import session as session_module
 from receiver.events import Media, MediaFormat, Start
+from receiver.simulate import build_messages
 from tests.support.fuzzing import fuzz
 from tests.support.strategies import SPLIT_MAX_SIZE, client_frame, media_msg
+from tests.test_recording import PCMU, stream
 
 PLATFORM_FRAME = (
     '{"event":"media","sequenceNumber":"4","media":{"track":"inbound","chunk":"2",'
@@ -37,6 +40,7 @@ def test_the_c_build_is_in_use() -> None:
     assert protocol._c_media is speedups.media
     assert codecs._take is codecs._take_c
     assert session_module._steady is speedups.steady
+    assert session_module._place_run is speedups.place_run
 
 
 def test_serve_warns_when_the_c_build_is_missing(
@@ -385,3 +389,120 @@ def test_the_c_fast_path_bounds(delta: int, shift: int, max_samples: int, placed
         results.append((steady(clock, frame, 8000, max_samples), clock.cursor, clock.shift))
     assert results[0] == results[1]
     assert results[0][0] is placed
+
+
+def plain_media(track: str, chunk: int, timestamp: int, payload: bytes, sid: str = "MZ-run") -> str:
+    """The platform's media message, in the plain form the C parser takes unless ``sid``
+    holds an escape."""
+    media = {"track": track, "chunk": str(chunk), "timestamp": str(timestamp)}
+    media["payload"] = base64.b64encode(payload).decode()
+    text = json.dumps({"event": "media", "sequenceNumber": "9", "media": media, "streamSid": "@"})
+    return text.replace('"@"', f'"{sid}"')
+
+
+RUN_START = build_messages(codec=PCMU, tracks={}, stream_sid="MZ-run")[:2]
+
+
+@st.composite
+def runs(draw: st.DrawFn) -> list[str]:
+    """A stream's messages after its start: mostly frames that continue their track, between
+    what the run leaves to the general path (a track's first frame, a gap, a repeat, a late or
+    early stamp, another length, a message not in the plain form, a mark, a digit)."""
+    messages: list[str] = []
+    chunk = {"inbound": 1, "outbound": 1}
+    stamp = {"inbound": 0, "outbound": 0}
+    steady = ["steady"] * 8
+    odd = ["gap", "repeat", "jitter", "length", "escaped", "mark", "dtmf", "huge"]
+    for _ in range(draw(st.integers(1, 80))):
+        track = draw(st.sampled_from(["inbound", "outbound"]))
+        kind = draw(st.sampled_from(steady + odd))
+        size = 160
+        if kind == "mark":
+            messages.append(json.dumps({"event": "mark", "mark": {"name": "m"}}))
+            continue
+        if kind == "dtmf":
+            messages.append(json.dumps({"event": "dtmf", "dtmf": {"digit": "5", "track": track}}))
+            continue
+        if kind == "gap":
+            skipped = draw(st.integers(1, 3))
+            chunk[track] += skipped
+            stamp[track] += 20 * skipped
+        elif kind == "repeat":
+            chunk[track] -= 1
+            stamp[track] -= 20
+        elif kind == "jitter":
+            stamp[track] += draw(st.sampled_from([-15, -11, -10, -9, 9, 10, 11, 15]))
+        elif kind == "length":
+            size = draw(st.sampled_from([80, 159, 161, 320]))
+        elif kind == "huge":
+            stamp[track] = draw(st.sampled_from([2**44 // 1000, 10**14]))
+        payload = draw(st.binary(min_size=size, max_size=size))
+        sid = "MZ\\u002drun" if kind == "escaped" else "MZ-run"
+        messages.append(plain_media(track, chunk[track], max(0, stamp[track]), payload, sid))
+        chunk[track] += 1
+        stamp[track] += 20 * size // 160
+    return messages
+
+
+@given(runs(), st.integers(1, 12))
+@fuzz
+def test_the_c_run_places_as_the_general_path(messages: list[str], batch: int) -> None:
+    """A recording placing steady frames through the session's run in C writes what placing
+    every frame through ``media`` writes, batch by batch, with the same track statistics."""
+    s = stream(Path("/nonexistent"))  # the memory sink alone: nothing is written
+    assert s.feed(RUN_START) is None
+    recording = s.recording
+    assert recording.session is not None
+    reference = session_module.Session(recording.session.start, codec=recording.session.codec)
+    assert (reference.batch_samples, reference.max_samples) == (
+        recording.session.batch_samples,
+        recording.session.max_samples,
+    )
+    parser = protocol.StreamProtocol()
+    for message in RUN_START:
+        parser.receive(message)
+    written: dict[str, list[np.ndarray]] = {}
+    ended = None
+    for message in messages:
+        event = parser.receive(message)
+        if type(event) is Media:
+            for b in reference.media(event):
+                written.setdefault(b.track, []).append(b.samples)
+    for at in range(0, len(messages), batch):
+        ended = ended or recording.receive(messages[at : at + batch])
+    assert ended is None
+    assert recording.messages == len(RUN_START) + len(messages)
+    memory = s.memory
+    assert memory.tracks == list(written)
+    for track, chunks in written.items():
+        assert memory.audio(track).tobytes() == np.concatenate(chunks).tobytes()
+    assert recording.session.track_stats == reference.track_stats
+
+
+def test_the_c_run_takes_steady_frames_and_stops_where_it_must() -> None:
+    """Where the run stops: before a frame it leaves, after one that completes a batch."""
+    pcmu = MediaFormat("audio/x-mulaw", 8000)
+    s = session_module.Session(Start("MZ1", pcmu), codec=codecs.codec_for(pcmu), batch_ms=60)
+    frames = [plain_media("inbound", i + 1, 20 * i, bytes([i]) * 160) for i in range(8)]
+    # The track's first frame makes its clock: the general path's.
+    assert s.place_run(frames, 0) == (0, ())
+    assert s.media(c_media(frames[0])) == ()
+    end, batches = s.place_run(frames, 1)  # two more complete the batch of three frames
+    assert end == 3 and [(b.track, b.position, len(b.samples)) for b in batches] == [
+        ("inbound", 0, 480)
+    ]
+    assert (
+        batches[0].samples.tobytes()
+        == codecs.codec_for(pcmu)
+        .decode(bytes([0]) * 160 + bytes([1]) * 160 + bytes([2]) * 160)
+        .tobytes()
+    )
+    end, batches = s.place_run(frames, 3)
+    assert end == 6 and [b.position for b in batches] == [480]
+    gap = plain_media("inbound", 9, 160, bytes(160))  # chunks 8 and 9 missing
+    assert s.place_run([frames[6], gap, frames[7]], 0) == (1, ())
+    assert s.track_stats["inbound"].frames == 7
+    assert s.place_run([b"binary", frames[7]], 0) == (0, ())
+    assert s.place_run(frames, 8) == (8, ())
+    with pytest.raises(ValueError, match="start"):
+        s.place_run(frames, -1)
