@@ -122,6 +122,33 @@ def session_paths(messages: list[str]) -> tuple[float, float, float]:
     return fast, python, min(run(True) for _ in range(3))
 
 
+def place_paths(messages: list[str]) -> tuple[float, float]:
+    """Microseconds per media frame parsed and placed (batches decoded, not written):
+    ``StreamProtocol.receive`` then ``Session.media`` a frame, and ``Session.place_run`` over
+    the list (the general path for what it leaves), as the recording does."""
+    start = next(m for m in messages if '"start"' in m)
+    media = [m for m in messages if '"media"' in m]
+
+    def run(in_c: bool) -> float:
+        protocol = StreamProtocol()
+        event = protocol.receive(start)
+        assert isinstance(event, Start)
+        session = Session(event, codec=PCMU)
+        started = timeit.default_timer()
+        i = 0
+        while i < len(media):
+            end, _ = session.place_run(media, i) if in_c else (i, ())
+            if end == i:
+                frame = protocol.receive(media[i])
+                assert isinstance(frame, Media)
+                session.media(frame)
+                end = i + 1
+            i = end
+        return (timeit.default_timer() - started) / len(media) * 1e6
+
+    return min(run(False) for _ in range(3)), min(run(True) for _ in range(3))
+
+
 def frame_parsers(frames: int) -> tuple[float, float]:
     """Microseconds per masked media frame, in 32 KiB reads: websockets' parser, TextFrames."""
     stream = b"".join(media_frames(frames // 2))
@@ -232,6 +259,7 @@ def main() -> None:
     named = per_call_us(lambda: Media("inbound", b"", 1, 2, 3), n)
     new_tuple = per_call_us(lambda: tuple.__new__(Media, ("inbound", b"", 1, 2, 3)), n)
     fast_path, python_fast_path, general_path = session_paths(messages)
+    per_frame, in_run = place_paths(messages)
     frozen = per_call_us(lambda: FrozenMedia("inbound", b"", 1, 2, 3), n)
     samples = np.zeros(1600, dtype=np.int16)
     with tempfile.TemporaryDirectory() as tmp:
@@ -268,6 +296,10 @@ def main() -> None:
         f"Session.media, steady frame: fast path {fast_path:.2f} us (its Python twin "
         f"{python_fast_path:.2f} us, ratio {python_fast_path / fast_path:.2f}); general path "
         f"{general_path:.2f} us; ratio {general_path / fast_path:.2f}"
+    )
+    print(
+        f"parse and place a media frame: receive + Session.media {per_frame:.2f} us; "
+        f"Session.place_run {in_run:.2f} us; ratio {per_frame / in_run:.2f}"
     )
     print(
         f"200 ms batch to WAV: buffer_write {raw:.2f} us; write {checked:.2f} us; "
