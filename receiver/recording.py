@@ -123,7 +123,7 @@ class StreamRecording:
 
     def _receive(self, messages: Sequence[str | bytes]) -> StreamEnd | None:
         # Bound once a batch, counted once a batch: the loop does per frame only what it must,
-        # and steady frames take the session's run in C (none a frame here).
+        # and steady frames go through the session's run in C, many a call.
         protocol, receive = self.protocol, self.protocol.receive
         place = run = None
         if self.session is not None:
@@ -153,7 +153,7 @@ class StreamRecording:
                     place, run = self.session.media, self._run(self.session)
             return None
         finally:
-            self.messages += min(i, n)
+            self.messages += i
 
     @staticmethod
     def _run(session: Session) -> Callable[..., tuple[int, Sequence[AudioBatch]]] | None:

@@ -260,9 +260,9 @@ class Session:
         while each is the platform's plain media message (the one ``receiver._speedups.media``
         parses) that continues its track on the steady path, with no Media and no Python call
         a frame. Returns where it stopped (before a message it did not take, or after a frame
-        that completed a batch) and that batch. Only for the messages of a streaming protocol:
-        it parses each such message to exactly what the run parses. Takes none without the C
-        build (``PLACES_RUNS``)."""
+        that completed a batch) and that batch. Call it only while the protocol is streaming:
+        then its ``receive`` makes of each message taken here the very frame placed here.
+        Takes none without the C build (``PLACES_RUNS``)."""
         if _place_run is None:
             return start, _NOTHING
         end, due = _place_run(
