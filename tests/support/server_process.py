@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tests.support.commands import env_with, free_port, receiver_cmd
+from tests.support.commands import env_with, receiver_cmd
 from tests.support.receiver import TOKEN, TlsFiles
 from tests.support.waits import wait_until
 from tests.support.wire import HOST
@@ -83,9 +84,15 @@ signal.signal(signal.SIGUSR2, _collect)
 """
 
 
+# serve's start-up line: "listening on wss://127.0.0.1:8443/ (health: …"
+LISTENING = re.compile(r"listening on wss?://\S+:(\d+)/ ")
+
+
 class ServerProcess:
-    """`python -m receiver serve` on a free port (127.0.0.1 unless ``env`` says otherwise), its
-    log in a file; ``env`` over this process's environment without RECEIVER_* variables, a
+    """`python -m receiver serve` on a port the kernel picks when it binds (RECEIVER_PORT=0:
+    a port found free beforehand can be taken before the server binds it, which failed a CI
+    run), known from the start-up line; on 127.0.0.1 unless ``env`` says otherwise, its log in
+    a file; ``env`` over this process's environment without RECEIVER_* variables, a
     drain timeout of 1 s and the web page off (unless ``env`` says otherwise). ``gc_hook``
     puts in the SIGUSR2 garbage collection above (``collect_garbage``)."""
 
@@ -97,11 +104,11 @@ class ServerProcess:
         preexec_fn: Callable[[], None] | None = None,
         gc_hook: bool = False,
     ) -> None:
-        self.port = free_port()
+        self._port: int | None = None
         self.cwd = cwd
         self.log = cwd / "serve.log"
         defaults = {"RECEIVER_HOST": HOST, "RECEIVER_DRAIN_TIMEOUT_S": "1"}
-        self.env = env_with(**{**defaults, **env, "RECEIVER_PORT": str(self.port)})
+        self.env = env_with(**{**defaults, **env, "RECEIVER_PORT": "0"})
         self.gc_ack = cwd / "gc-ack"
         if gc_hook:
             hook = cwd / "gc-hook"
@@ -126,12 +133,21 @@ class ServerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
+    @property
+    def port(self) -> int:
+        """The stream port, known once ``wait_listening`` has read the start-up line."""
+        assert self._port is not None, "wait_listening() first: the server picks its port"
+        return self._port
+
     def wait_listening(self, timeout_s: float = 30.0) -> str:
-        """The log once the server says it listens (another process: polled every 50 ms)."""
+        """The log once the server says it listens (another process: polled every 50 ms); from
+        then on ``port`` and ``env``'s RECEIVER_PORT are the port it bound."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             text = self.log.read_text()
-            if "listening on" in text:
+            if found := LISTENING.search(text):
+                self._port = int(found[1])
+                self.env["RECEIVER_PORT"] = found[1]
                 return text
             if self.proc.poll() is not None:
                 raise AssertionError(f"receiver exited: {self.log.read_text()}")
