@@ -733,11 +733,14 @@ def test_connection_layer_serves_as_websockets_alone(
         )
     budget = data.draw(st.sampled_from([connection_module._TICK_BUDGET_S, -1.0]))
     pause_at = data.draw(st.sampled_from([connection_module._PAUSE_AT_BYTES, 0, 600]))
+    # 517: records straddle the slices in which ciphertext goes into the TLS object.
+    tls_slice = data.draw(st.sampled_from([connection_module._CIPHERTEXT_SLICE_BYTES, 517]))
     with pytest.MonkeyPatch.context() as patch:
         # -1: a read past 4 KiB always leaves its rest for the next loop round (the backlog);
         # 0 or 600: reading pauses as soon as messages wait for the consumer.
         patch.setattr(connection_module, "_TICK_BUDGET_S", budget)
         patch.setattr(connection_module, "_PAUSE_AT_BYTES", pause_at)
+        patch.setattr(connection_module, "_CIPHERTEXT_SLICE_BYTES", tls_slice)
         layer = asyncio.run(run_layer(case, health_checks, plaintext, writes, data.draw, contexts))
 
     # Our close (after a stop) goes out only if the client had not ended first.
