@@ -29,7 +29,9 @@ async def test_live_audio_matches_the_recording_and_vad_finds_the_phrases(
 ) -> None:
     """`async for batch in stream.audio(track)` yields what the WAV holds; the VAD example
     finds the 1.5 s pause between two phrases."""
-    live = LiveAudio()
+    # The client sends faster than real time, so all ~12 s may arrive before the readers'
+    # tasks first run; a backlog longer than the stream keeps position 0 for them.
+    live = LiveAudio(max_queued_s=60.0)
     receiver = await start_receiver(sink_factories=[("wav", WavSink.from_settings), live.sink()])
     phrase = speech["inbound"].samples(8000)
     pause = np.zeros(12_000, dtype=np.int16)
