@@ -99,6 +99,7 @@ class StreamRecording:
         self.unknown_events_dropped = 0
         self.clock_shifted = False  # logged once a stream
         self.log: Log = StreamLogger(logger, {"stream_sid": "-"})
+        self.end: StreamEnd | None = None  # the first end receive returned
 
     def receive(self, messages: Sequence[str | bytes]) -> StreamEnd | None:
         """Parse, place and write a batch of messages; the stream's end if the batch ends it.
@@ -106,8 +107,13 @@ class StreamRecording:
         The end is ``stop`` (1000), a ``protocol-error`` (counted, logged, with the error's
         close code and reason), or an ``error``: no sink left to record (1011), or a bug of
         ours (1011, counted, logged with its traceback). Messages after the end in the batch
-        are not looked at.
+        are not looked at, nor are later batches: they get the same end back.
         """
+        if self.end is None:
+            self.end = self._end_of(messages)
+        return self.end
+
+    def _end_of(self, messages: Sequence[str | bytes]) -> StreamEnd | None:
         try:
             return self._receive(messages)
         except ProtocolError as exc:

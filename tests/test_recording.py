@@ -362,6 +362,9 @@ async def test_a_sink_failing_at_open_alone_ends_the_stream_at_start(tmp_path: P
     end = s.feed(messages)
     assert end is not None and (end.kind, end.close_code) == ("error", 1011)
     assert s.recording.messages == 2 and s.recording.session is None
+    # A batch that arrives after the end is not read: the same end, no internal error.
+    assert s.recording.receive(messages[2:]) == end
+    assert s.recording.messages == 2 and s.counters["internal_errors"] == 0
     assert (await s.recording.finish(end)).kind == "error"
     assert s.counters["streams_ended", "error"] == 1
 
