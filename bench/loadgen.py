@@ -144,6 +144,11 @@ class Result:
             "cpu_utilization": round(self.schedule_cpu_s / self.schedule_wall_s, 3)
             if self.schedule_wall_s
             else None,
+            # Paced: each (tick, phase)'s lateness, tick by tick, so the driver can measure a
+            # frame's lag from when it was sent, not from when it was due.
+            "send_lateness_ms_each": [round(x, 1) for x in self.send_lateness_ms]
+            if self.mode == "paced"
+            else None,
         }
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.run import frame_lags
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -38,4 +40,18 @@ def test_bench_smoke_runs_and_every_sample_lands() -> None:
         assert run["loadgen_frames_dropped"] == 0
         # The floor keeps no files; every receiver's track holds every sample sent.
         assert run["every_sample_on_disk"] is (None if name.startswith("floor") else True)
+        assert isinstance(run["generator_on_schedule"], bool)
+        if not name.startswith("floor"):
+            assert run["lag_ms_p99"] >= run["lag_ms_p50"] >= 0
     assert "| receiver-100/floor |" in result.stdout
+
+
+def test_frame_lag_counts_from_when_the_frame_was_sent() -> None:
+    """Stream 13 (phase 3 of 10) holds 1.0 s: its frame 50 was due at 1.006 s, sent 80 ms
+    late (a hiccup of the generator's), so at 1.2 s its lag is 114 ms, not 200."""
+    lateness = [0.0] * (100 * 10)
+    lateness[50 * 10 + 3] = 80.0
+    began = 1000.0
+    lags = frame_lags([(began + 1.2, 13, 1.0), (began + 2.5, 13, 2.0)], began, lateness)
+    assert lags[0] == pytest.approx(0.114)
+    assert lags[1] == 0.0  # all 100 frames on disk
