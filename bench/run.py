@@ -633,9 +633,9 @@ def late(*runs: dict[str, Any] | None) -> str:
     behind = [run for run in runs if run is not None and not run["generator_on_schedule"]]
     if not behind:
         return ""
-    names = ", ".join(f"{run['server']}'s" for run in behind)
+    which = ", ".join(f"{run['server']}'s" for run in behind)
     return (
-        f" [the load generator fell behind in {names} run (lateness p99 >= "
+        f" [the load generator fell behind in {which} run (lateness p99 >= "
         f"{LATE_LIMIT_MS:.0f} ms): not a measurement of the server, rerun]"
     )
 
